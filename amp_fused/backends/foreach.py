@@ -1,0 +1,84 @@
+"""The op table in ``torch._foreach_*`` ops: no host synchronisation at all, and a number of
+dispatched ops that does not depend on how many tensors there are. Runs on any device.
+"""
+from __future__ import annotations
+
+import torch
+
+NAME = "foreach"
+DEVICE_TYPES = ("cpu", "cuda")
+
+_TINY = 1e-12
+
+
+def unavailable_reason():
+    return None
+
+
+def projection(norms: torch.Tensor, epsilon: float, per_tensor: bool):
+    """Per-tensor scale min(1, ε/(‖Δ‖+1e-12)), 0 where the governing norm is not finite.
+
+    Returns ``(scale, keep, all_norms)``: fp32 vectors of length n (keep is 1.0 where the tensor
+    may move, 0.0 where its norm, or for global the total norm, is not finite) and the n norms
+    followed by the total norm. Shared by the fused backends' Python-side tests as the spec.
+    """
+    total = torch.linalg.vector_norm(norms)
+    governing = norms if per_tensor else total.expand_as(norms)
+    keep = torch.isfinite(governing)
+    scale = torch.where(keep, (epsilon / (governing + _TINY)).clamp(max=1.0), 0.0)
+    return scale, keep.to(torch.float32), torch.cat([norms, total.reshape(1)])
+
+
+def _zero_where_dropped(tensors, keep):
+    # foreach has no select, and 0·NaN is NaN. IEEE pow gives pow(x, 1) == x and pow(x, 0) == 1 for
+    # every x, NaN and Inf included, so pow(z, keep) − (1 − keep) is z for kept tensors and exactly
+    # 0 for dropped ones, with no host sync.
+    tensors = torch._foreach_pow(tensors, list(keep.unbind()))
+    torch._foreach_sub_(tensors, list((1.0 - keep).unbind()))
+    return tensors
+
+
+def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first):
+    if not params:
+        return torch.zeros(1)
+    if first:
+        torch._foreach_copy_(backups, params)
+        # Δ = ζ·g, kept implicit: ‖Δ‖ = ζ‖g‖ and params ← θ + (scale·ζ)·g.
+        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)) * inner_lr
+        scale, keep, all_norms = projection(norms, epsilon, per_tensor)
+        step = torch._foreach_mul(grads, list((scale * inner_lr).unbind()))
+        step = _zero_where_dropped(step, keep)
+        torch._foreach_add_(params, step)
+        return all_norms
+    delta = torch._foreach_sub(params, backups)
+    torch._foreach_add_(delta, grads, alpha=inner_lr)
+    norms = torch.stack(torch._foreach_norm(delta, 2, dtype=torch.float32))
+    scale, keep, all_norms = projection(norms, epsilon, per_tensor)
+    torch._foreach_mul_(delta, list(scale.unbind()))
+    delta = _zero_where_dropped(delta, keep)
+    torch._foreach_add_(delta, backups)
+    torch._foreach_copy_(params, delta)
+    return all_norms
+
+
+def restore_(params, backups):
+    if params:
+        torch._foreach_copy_(params, backups)
+
+
+def restore_sgd_(params, backups, grads, momentum_buffers, lr, momentum, dampening, weight_decay,
+                 nesterov, maximize, first_step):
+    if not params:
+        return
+    torch._foreach_copy_(params, backups)
+    d_p = torch._foreach_neg(grads) if maximize else grads
+    if weight_decay != 0:
+        d_p = torch._foreach_add(d_p, params, alpha=weight_decay)
+    if momentum != 0:
+        if first_step:
+            torch._foreach_copy_(momentum_buffers, d_p)
+        else:
+            torch._foreach_mul_(momentum_buffers, momentum)
+            torch._foreach_add_(momentum_buffers, d_p, alpha=1 - dampening)
+        d_p = torch._foreach_add(d_p, momentum_buffers, alpha=momentum) if nesterov else momentum_buffers
+    torch._foreach_add_(params, d_p, alpha=-lr)

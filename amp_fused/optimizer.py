@@ -1,0 +1,276 @@
+"""Adversarial Model Perturbation (Zheng, Zhang & Mao, CVPR 2021) as a torch.optim optimizer.
+
+Algorithm 1, per batch: g = ∇L(θ); Δ = 0; N times: Δ ← Δ + ζ·g, project Δ onto the ε-ball, move
+the model to θ + Δ and recompute g there. Then put θ back and let the base optimizer step with the
+last g. The tensor work happens in the op layer (:mod:`amp_fused.functional`); this file only
+decides what to call when.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from torch.utils._pytree import tree_map
+
+from . import backends, functional
+
+NORMS = ("per_tensor", "global")
+
+
+def _check_hyper(name: str, value, where: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0{where}, got {value!r}")
+
+
+def _detached(result):
+    """Validate what a closure returned and detach it: a loss tensor or an (outputs, loss) pair."""
+    if isinstance(result, torch.Tensor):
+        return result.detach()
+    if isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[1], torch.Tensor):
+        outputs, loss = result
+        return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, outputs), loss.detach()
+    raise TypeError("closure must return the loss tensor or an (outputs, loss) pair with a loss tensor, "
+                    f"got {type(result).__name__}")
+
+
+class AMP(torch.optim.Optimizer):
+    """Adversarial Model Perturbation around any base optimizer (drop-in for the original ``AMP``).
+
+    Args:
+        params: parameters or param groups (groups may set their own ``lr``, ``epsilon``, ``inner_lr``
+            and base-optimizer options).
+        lr: learning rate of the base optimizer (η).
+        epsilon: radius ε of the L2 ball the perturbation Δ is projected onto.
+        inner_lr: inner learning rate ζ of the ascent (default 1).
+        inner_iter: number N of ascent steps per batch (default 1; 0 is plain ERM).
+        base_optimizer: the optimizer class that takes the outer step (default ``torch.optim.SGD``).
+        norm: ``"per_tensor"`` projects each parameter tensor on its own ε-ball (what the original code
+            does; the default), ``"global"`` projects Δ over all parameters (the paper's Algorithm 1).
+        backend: ``"auto"`` (fastest available for the parameters' device) or a name from
+            :func:`amp_fused.available_backends`.
+        **base_kwargs: passed to ``base_optimizer`` (momentum, weight_decay, ...).
+
+    ``step(closure)``: the closure runs forward and backward and returns ``loss`` or ``(outputs, loss)``;
+    ``step`` zero-grads before each call (so the closure may or may not) and returns what the first call
+    returned, detached. Without a closure use ``first_step()`` / ``second_step()``.
+    """
+
+    def __init__(self, params, lr, epsilon, inner_lr=1.0, inner_iter=1, base_optimizer=torch.optim.SGD, *,
+                 norm="per_tensor", backend="auto", **base_kwargs):
+        _check_hyper("epsilon", epsilon)
+        _check_hyper("inner_lr", inner_lr)
+        if isinstance(inner_iter, bool) or not isinstance(inner_iter, int) or inner_iter < 0:
+            raise ValueError(f"inner_iter must be an int >= 0, got {inner_iter!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(map(repr, NORMS))}, got {norm!r}")
+        backends.check_name(backend)
+        if backend != "auto":
+            reason = backends.unavailable_reason(backend)
+            if reason is not None:
+                raise ValueError(f"backend {backend!r} is not available on this machine ({reason}); "
+                                 f"available: {backends.available_backends()}")
+        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer subclass, got {base_optimizer!r}")
+
+        self.inner_iter = inner_iter
+        self.norm = norm
+        self.backend = backend
+        defaults = dict(lr=lr, epsilon=epsilon, inner_lr=inner_lr, **base_kwargs)
+        super().__init__(params, defaults)
+        # The base optimizer shares our param-group dicts, so schedulers and per-group options reach both.
+        self.base_optimizer = base_optimizer(self._own_param_groups, lr=lr, **base_kwargs)
+        self._ascents = 0  # ascent steps taken since θ was saved; > 0 means the parameters are perturbed
+        self._plan = []  # (group, params, backups) per group and device while perturbed
+        self.last_norms = None  # fp32 norms of Δ from the last ascent, for logging
+
+    # -- param groups live in the base optimizer -------------------------------------------------------
+    @property
+    def param_groups(self):
+        base = self.__dict__.get("base_optimizer")
+        return base.param_groups if base is not None else self._own_param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups):
+        base = self.__dict__.get("base_optimizer")
+        if base is not None:
+            base.param_groups = groups
+        else:
+            self._own_param_groups = groups
+
+    def add_param_group(self, param_group):
+        for key in ("epsilon", "inner_lr"):
+            if key in param_group:
+                _check_hyper(key, param_group[key], " in a param group")
+        base = self.__dict__.get("base_optimizer")
+        if base is None:
+            return super().add_param_group(param_group)
+        for key in ("epsilon", "inner_lr"):
+            param_group.setdefault(key, self.defaults[key])
+        base.add_param_group(param_group)
+
+    # -- Algorithm 1 ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AMP step: ``inner_iter`` ascents, each followed by a closure call, then the base step."""
+        if closure is None:
+            raise ValueError("AMP.step needs a closure (it runs forward and backward twice); without one, "
+                             "call first_step() and second_step() around your own backward passes")
+        if not callable(closure):
+            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        closure = torch.enable_grad()(closure)
+        try:
+            self.zero_grad()
+            result = _detached(closure())  # g = ∇L(θ)
+            for _ in range(self.inner_iter):
+                self.first_step(zero_grad=True)  # θ + Δ
+                closure()  # g = ∇L(θ + Δ)
+            if self._ascents:
+                self.second_step()  # θ, then the base step with the last g
+            else:
+                self.base_optimizer.step()
+        except BaseException:
+            self.restore()  # never leave the parameters perturbed
+            raise
+        return result
+
+    @torch.no_grad()
+    def first_step(self, zero_grad=False):
+        """Ascent: Δ ← Δ + ζ·∇L, projected onto the ε-ball; the parameters become θ + Δ.
+
+        Call after a backward pass; call again after another backward for one more inner iteration.
+        """
+        first = self._ascents == 0
+        if first:
+            self._plan = self._make_plan()
+        for per_tensor, params, grads, backups, epsilon, inner_lr in self._perturb_calls():
+            self.last_norms = functional.perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first,
+                                                  backend=self.backend)
+        self._ascents += 1
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad=False):
+        """Put θ back and let the base optimizer step with the gradient taken at θ + Δ."""
+        if not self._ascents:
+            raise RuntimeError("second_step() needs a preceding first_step(): the parameters are not perturbed")
+        if not self._fused_sgd_step():
+            self.restore()
+            self.base_optimizer.step()
+        self._end_perturbation()
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def restore(self):
+        """Put θ back without stepping (a no-op when the parameters are not perturbed)."""
+        for _group, params, backups in self._plan:
+            functional.restore_(params, backups, backend=self.backend)
+        self._end_perturbation()
+
+    def _end_perturbation(self):
+        self._ascents = 0
+        self._plan = []
+
+    # -- plumbing --------------------------------------------------------------------------------------
+    def _make_plan(self):
+        """Which tensors this step perturbs (those with a gradient now), per group and device."""
+        plan = []
+        for group in self.param_groups:
+            _check_hyper("epsilon", group["epsilon"], " in a param group")
+            _check_hyper("inner_lr", group["inner_lr"], " in a param group")
+            by_device = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_device[p.device].append(p)
+            for params in by_device.values():
+                backups = []
+                for p in params:
+                    state = self.state[p]
+                    if "backup" not in state or state["backup"].shape != p.shape or state["backup"].dtype != p.dtype:
+                        state["backup"] = torch.empty_like(p)  # one parameter-sized buffer, reused every step
+                    backups.append(state["backup"])
+                plan.append((group, params, backups))
+        if self.norm == "global" and plan:
+            settings = {(g["epsilon"], g["inner_lr"]) for g, _, _ in plan}
+            devices = {params[0].device for _, params, _ in plan}
+            if len(settings) > 1:
+                raise ValueError("norm='global' projects one Δ over all parameters, so every param group must use "
+                                 f"the same epsilon and inner_lr; got (epsilon, inner_lr) = {sorted(settings)}")
+            if len(devices) > 1:
+                raise ValueError(f"norm='global' needs all parameters on one device, got {sorted(map(str, devices))}")
+        return plan
+
+    def _perturb_calls(self):
+        """Arguments of the perturb_ calls: one per group and device, or one over everything (global)."""
+        calls = []
+        for group, params, backups in self._plan:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            calls.append((True, params, grads, backups, group["epsilon"], group["inner_lr"]))
+        if self.norm == "global" and calls:
+            epsilon, inner_lr = calls[0][4], calls[0][5]
+            merged = [sum((c[k] for c in calls), []) for k in (1, 2, 3)]
+            calls = [(False, *merged, epsilon, inner_lr)]
+        return calls
+
+    def _fused_sgd_step(self) -> bool:
+        """Restore θ and take the SGD step in one op when the base optimizer is plain torch.optim.SGD."""
+        base = self.base_optimizer
+        if type(base) is not torch.optim.SGD or base._optimizer_step_pre_hooks or base._optimizer_step_post_hooks:
+            return False
+        perturbed = sum(len(params) for _, params, _ in self._plan)
+        with_grad = sum(p.grad is not None for g in self.param_groups for p in g["params"])
+        if perturbed != with_grad:
+            return False  # some tensor gained or lost its gradient since the ascent: take the general path
+        for group, params, _ in self._plan:
+            if (isinstance(group["lr"], torch.Tensor) or group.get("differentiable") or group.get("fused")
+                    or any(p.grad is None or p.grad.is_sparse for p in params)):
+                return False
+        for group, params, backups in self._plan:
+            momentum = group["momentum"]
+            grads = [p.grad for p in params]
+            args = (group["lr"], momentum, group["dampening"], group["weight_decay"], group["nesterov"],
+                    group["maximize"])
+            if momentum == 0:
+                functional.restore_sgd_(params, backups, grads, [], *args, False, backend=self.backend)
+                continue
+            # SGD keeps its buffers as state[p]["momentum_buffer"]; a missing one is initialised to d_p.
+            fresh = [i for i, p in enumerate(params) if base.state[p].get("momentum_buffer") is None]
+            for p in (params[i] for i in fresh):
+                base.state[p]["momentum_buffer"] = torch.empty_like(p)
+            fresh_set = set(fresh)
+            for first_step in (True, False):
+                idx = [i for i in range(len(params)) if (i in fresh_set) == first_step]
+                if idx:
+                    functional.restore_sgd_([params[i] for i in idx], [backups[i] for i in idx],
+                                            [grads[i] for i in idx],
+                                            [base.state[params[i]]["momentum_buffer"] for i in idx],
+                                            *args, first_step, backend=self.backend)
+        return True
+
+    # -- state -----------------------------------------------------------------------------------------
+    def state_dict(self):
+        """The base optimizer's state dict (so SGD's momentum buffers stay interchangeable with plain SGD),
+        plus an ``"amp"`` entry with this optimizer's settings. θ backups are per-step scratch, not state."""
+        state = self.base_optimizer.state_dict()
+        state["amp"] = {"inner_iter": self.inner_iter, "norm": self.norm}
+        return state
+
+    def load_state_dict(self, state_dict):
+        if self._ascents:
+            raise RuntimeError("load_state_dict() while the parameters are perturbed; call second_step() or "
+                               "restore() first")
+        state_dict = dict(state_dict)
+        amp_state = state_dict.pop("amp", None)
+        self.base_optimizer.load_state_dict(state_dict)
+        for group in self.param_groups:  # a plain base-optimizer state dict lacks our keys
+            group.setdefault("epsilon", self.defaults["epsilon"])
+            group.setdefault("inner_lr", self.defaults["inner_lr"])
+        if amp_state is not None:
+            self.inner_iter = amp_state["inner_iter"]
+            self.norm = amp_state["norm"]
+
+    def __repr__(self):
+        return (f"AMP(norm={self.norm!r}, inner_iter={self.inner_iter}, backend={self.backend!r}, "
+                f"base_optimizer={self.base_optimizer!r})")
