@@ -26,16 +26,20 @@ import functools
 import importlib
 from types import ModuleType
 
-# name -> module path. The kernel backends join this table as they land.
+# name -> module path.
 _REGISTRY = {
     "reference": "amp_fused.backends.reference",
     "foreach": "amp_fused.backends.foreach",
+    "cpu": "amp_fused.backends.cpu",
+    "cuda": "amp_fused.backends.cuda",
+    "triton": "amp_fused.backends.triton",
 }
 
-# What "auto" tries, fastest first, for each device type.
+# What "auto" tries, fastest first, for each device type. Triton on CPU tensors (its interpreter) is
+# for testing only, so "auto" never picks it there.
 _AUTO_ORDER = {
-    "cpu": ("foreach",),
-    "cuda": ("foreach",),
+    "cpu": ("cpu", "foreach"),
+    "cuda": ("cuda", "triton", "foreach"),
 }
 _AUTO_FALLBACK = ("foreach",)
 
