@@ -18,15 +18,21 @@ def unavailable_reason():
 def projection(norms: torch.Tensor, epsilon: float, per_tensor: bool):
     """Per-tensor scale min(1, ε/(‖Δ‖+1e-12)), 0 where the governing norm is not finite.
 
-    Returns ``(scale, keep, all_norms)``: fp32 vectors of length n (keep is 1.0 where the tensor
-    may move, 0.0 where its norm, or for global the total norm, is not finite) and the n norms
-    followed by the total norm. Shared by the fused backends' Python-side tests as the spec.
+    Returns ``(scale, keep, all_norms)``: vectors of length n (keep is 1.0 where the tensor may move,
+    0.0 where its norm, or for global the total norm, is not finite) and the fp32 n norms followed by
+    the total norm.
     """
     total = torch.linalg.vector_norm(norms)
     governing = norms if per_tensor else total.expand_as(norms)
     keep = torch.isfinite(governing)
     scale = torch.where(keep, (epsilon / (governing + _TINY)).clamp(max=1.0), 0.0)
-    return scale, keep.to(torch.float32), torch.cat([norms, total.reshape(1)])
+    return scale, keep.to(norms.dtype), torch.cat([norms, total.reshape(1)]).float()
+
+
+def _norms(tensors):
+    # fp32 accumulation (fp64 when any tensor is fp64: _foreach_norm refuses to narrow)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
 
 
 def _zero_where_dropped(tensors, keep):
@@ -44,7 +50,7 @@ def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first):
     if first:
         torch._foreach_copy_(backups, params)
         # Δ = ζ·g, kept implicit: ‖Δ‖ = ζ‖g‖ and params ← θ + (scale·ζ)·g.
-        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)) * inner_lr
+        norms = _norms(grads) * inner_lr
         scale, keep, all_norms = projection(norms, epsilon, per_tensor)
         step = torch._foreach_mul(grads, list((scale * inner_lr).unbind()))
         step = _zero_where_dropped(step, keep)
@@ -52,7 +58,7 @@ def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first):
         return all_norms
     delta = torch._foreach_sub(params, backups)
     torch._foreach_add_(delta, grads, alpha=inner_lr)
-    norms = torch.stack(torch._foreach_norm(delta, 2, dtype=torch.float32))
+    norms = _norms(delta)
     scale, keep, all_norms = projection(norms, epsilon, per_tensor)
     torch._foreach_mul_(delta, list(scale.unbind()))
     delta = _zero_where_dropped(delta, keep)
