@@ -1,6 +1,6 @@
 """Functional form of the AMP ops: check the arguments, pick the backend, call it.
 
-The optimizer calls only these three; see :mod:`amp_fused.backends` for what each op computes.
+The optimizer calls only these; see :mod:`amp_fused.backends` for what each op computes.
 """
 from __future__ import annotations
 
@@ -64,3 +64,12 @@ def restore_sgd_(params: Tensors, backups: Tensors, grads: Tensors, momentum_buf
     backends.resolve(backend, _device_type(params)).restore_sgd_(
         params, backups, grads, momentum_buffers, float(lr), float(momentum), float(dampening),
         float(weight_decay), bool(nesterov), bool(maximize), bool(first_step))
+
+
+def perturbation(params: Tensors, backups: Tensors, *, backend: str = "auto") -> list:
+    """The current Δ of perturbed ``params`` as new tensors (what "reuse" steps apply again)."""
+    _check_lists("perturbation", params=params, backups=backups)
+    ops = backends.resolve(backend, _device_type(params))
+    if hasattr(ops, "perturbation"):
+        return ops.perturbation(params, backups)
+    return list(torch._foreach_sub(params, backups)) if params else []  # backups hold θ

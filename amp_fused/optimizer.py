@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_map
 from . import backends, functional
 
 NORMS = ("per_tensor", "global")
+BETWEEN = ("erm", "reuse")
 
 
 def _check_hyper(name: str, value, where: str = "") -> None:
@@ -49,6 +50,11 @@ class AMP(torch.optim.Optimizer):
             does; the default), ``"global"`` projects Δ over all parameters (the paper's Algorithm 1).
         backend: ``"auto"`` (fastest available for the parameters' device) or a name from
             :func:`amp_fused.available_backends`.
+        perturb_every: amortised schedule of ``step(closure)``: steps 0, k, 2k, ... are full AMP steps, the
+            others are cheaper steps of the kind ``between`` names (default 1: every step is exact AMP).
+        between: ``"erm"``: a plain base-optimizer step (one closure call); ``"reuse"``: the Δ of the last full
+            step, projected onto the current ε-ball, is applied at the current θ, then one closure call at θ + Δ,
+            restore and the base step (one closure call; keeps one more parameter-sized buffer).
         **base_kwargs: passed to ``base_optimizer`` (momentum, weight_decay, ...).
 
     ``step(closure)``: the closure runs forward and backward and returns ``loss`` or ``(outputs, loss)``;
@@ -57,13 +63,17 @@ class AMP(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr, epsilon, inner_lr=1.0, inner_iter=1, base_optimizer=torch.optim.SGD, *,
-                 norm="per_tensor", backend="auto", **base_kwargs):
+                 norm="per_tensor", backend="auto", perturb_every=1, between="erm", **base_kwargs):
         _check_hyper("epsilon", epsilon)
         _check_hyper("inner_lr", inner_lr)
         if isinstance(inner_iter, bool) or not isinstance(inner_iter, int) or inner_iter < 0:
             raise ValueError(f"inner_iter must be an int >= 0, got {inner_iter!r}")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(map(repr, NORMS))}, got {norm!r}")
+        if isinstance(perturb_every, bool) or not isinstance(perturb_every, int) or perturb_every < 1:
+            raise ValueError(f"perturb_every must be an int >= 1, got {perturb_every!r}")
+        if between not in BETWEEN:
+            raise ValueError(f"between must be one of {', '.join(map(repr, BETWEEN))}, got {between!r}")
         backends.check_name(backend)
         if backend != "auto":
             reason = backends.unavailable_reason(backend)
@@ -76,12 +86,16 @@ class AMP(torch.optim.Optimizer):
         self.inner_iter = inner_iter
         self.norm = norm
         self.backend = backend
+        self.perturb_every = perturb_every
+        self.between = between
+        self.steps = 0  # step(closure) calls completed; the schedule counts these
         defaults = dict(lr=lr, epsilon=epsilon, inner_lr=inner_lr, **base_kwargs)
         super().__init__(params, defaults)
         # The base optimizer shares our param-group dicts, so schedulers and per-group options reach both.
         self.base_optimizer = base_optimizer(self._own_param_groups, lr=lr, **base_kwargs)
         self._ascents = 0  # ascent steps taken since θ was saved; > 0 means the parameters are perturbed
         self._plan = []  # (group, params, backups) per group and device while perturbed
+        self._keep_delta = False  # whether second_step stores Δ for the "reuse" steps that follow
         self.last_norms = None  # fp32 norms of Δ from the last ascent, for logging
 
     # -- param groups live in the base optimizer -------------------------------------------------------
@@ -119,20 +133,38 @@ class AMP(torch.optim.Optimizer):
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
         closure = torch.enable_grad()(closure)
+        kind = self.next_step_kind()
+        self._keep_delta = kind == "amp" and self.between == "reuse" and self.perturb_every > 1
         try:
             self.zero_grad()
-            result = _detached(closure())  # g = ∇L(θ)
-            for _ in range(self.inner_iter):
-                self.first_step(zero_grad=True)  # θ + Δ
-                closure()  # g = ∇L(θ + Δ)
-            if self._ascents:
-                self.second_step()  # θ, then the base step with the last g
+            if kind == "reuse":
+                self._perturb(self._reused_delta_plan(), first=True, reuse=True)  # θ + Δ_last
+                result = _detached(closure())  # g = ∇L(θ + Δ)
+                self.second_step()
             else:
-                self.base_optimizer.step()
+                result = _detached(closure())  # g = ∇L(θ)
+                for _ in range(self.inner_iter if kind == "amp" else 0):
+                    self.first_step(zero_grad=True)  # θ + Δ
+                    closure()  # g = ∇L(θ + Δ)
+                if self._ascents:
+                    self.second_step()  # θ, then the base step with the last g
+                else:
+                    self.base_optimizer.step()
         except BaseException:
             self.restore()  # never leave the parameters perturbed
             raise
+        finally:
+            self._keep_delta = False
+        self.steps += 1
         return result
+
+    def next_step_kind(self) -> str:
+        """What the next ``step(closure)`` does: ``"amp"`` (full), ``"erm"`` or ``"reuse"``."""
+        if self.steps % self.perturb_every == 0:
+            return "amp"
+        if self.between == "reuse" and not any("reuse_delta" in s for s in self.state.values()):
+            return "amp"  # nothing to reuse yet (e.g. resumed from a plain base-optimizer state dict)
+        return self.between
 
     @torch.no_grad()
     def first_step(self, zero_grad=False):
@@ -141,12 +173,7 @@ class AMP(torch.optim.Optimizer):
         Call after a backward pass; call again after another backward for one more inner iteration.
         """
         first = self._ascents == 0
-        if first:
-            self._plan = self._make_plan()
-        for per_tensor, params, grads, backups, epsilon, inner_lr in self._perturb_calls():
-            self.last_norms = functional.perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first,
-                                                  backend=self.backend)
-        self._ascents += 1
+        self._perturb(self._make_plan(lambda p: p.grad is not None) if first else self._plan, first)
         if zero_grad:
             self.zero_grad()
 
@@ -155,6 +182,10 @@ class AMP(torch.optim.Optimizer):
         """Put θ back and let the base optimizer step with the gradient taken at θ + Δ."""
         if not self._ascents:
             raise RuntimeError("second_step() needs a preceding first_step(): the parameters are not perturbed")
+        if self._keep_delta:
+            for _group, params, backups in self._plan:
+                for p, delta in zip(params, functional.perturbation(params, backups, backend=self.backend)):
+                    self.state[p]["reuse_delta"] = delta
         if not self._fused_sgd_step():
             self.restore()
             self.base_optimizer.step()
@@ -174,15 +205,28 @@ class AMP(torch.optim.Optimizer):
         self._plan = []
 
     # -- plumbing --------------------------------------------------------------------------------------
-    def _make_plan(self):
-        """Which tensors this step perturbs (those with a gradient now), per group and device."""
+    def _perturb(self, plan, first, reuse=False):
+        """One ascent over ``plan``: with the current gradients, or (``reuse``) with the stored Δ as the step."""
+        self._plan = plan
+        results = []
+        for per_tensor, params, steps, backups, epsilon, inner_lr in self._perturb_calls(reuse):
+            results.append(functional.perturb_(params, steps, backups, epsilon, inner_lr, per_tensor, first,
+                                               backend=self.backend))
+        if len(results) > 1:
+            per_tensor_norms = torch.cat([r[:-1].to(results[0].device) for r in results])
+            results = [torch.cat([per_tensor_norms, torch.linalg.vector_norm(per_tensor_norms).reshape(1)])]
+        self.last_norms = results[0] if results else None
+        self._ascents += 1
+
+    def _make_plan(self, selected):
+        """The tensors this step perturbs (``selected(p)``), per group and device, with their θ buffers."""
         plan = []
         for group in self.param_groups:
             _check_hyper("epsilon", group["epsilon"], " in a param group")
             _check_hyper("inner_lr", group["inner_lr"], " in a param group")
             by_device = defaultdict(list)
             for p in group["params"]:
-                if p.grad is not None:
+                if selected(p):
                     by_device[p.device].append(p)
             for params in by_device.values():
                 backups = []
@@ -202,12 +246,21 @@ class AMP(torch.optim.Optimizer):
                 raise ValueError(f"norm='global' needs all parameters on one device, got {sorted(map(str, devices))}")
         return plan
 
-    def _perturb_calls(self):
-        """Arguments of the perturb_ calls: one per group and device, or one over everything (global)."""
+    def _reused_delta_plan(self):
+        return self._make_plan(lambda p: "reuse_delta" in self.state.get(p, ()))
+
+    def _perturb_calls(self, reuse=False):
+        """Arguments of the perturb_ calls: one per group and device, or one over everything (global).
+
+        The ascent step is ζ·grad; for a reuse step it is the stored Δ itself (inner_lr 1)."""
         calls = []
         for group, params, backups in self._plan:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            calls.append((True, params, grads, backups, group["epsilon"], group["inner_lr"]))
+            if reuse:
+                steps, inner_lr = [self.state[p]["reuse_delta"] for p in params], 1.0
+            else:
+                steps = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                inner_lr = group["inner_lr"]
+            calls.append((True, params, steps, backups, group["epsilon"], inner_lr))
         if self.norm == "global" and calls:
             epsilon, inner_lr = calls[0][4], calls[0][5]
             merged = [sum((c[k] for c in calls), []) for k in (1, 2, 3)]
@@ -254,7 +307,11 @@ class AMP(torch.optim.Optimizer):
         """The base optimizer's state dict (so SGD's momentum buffers stay interchangeable with plain SGD),
         plus an ``"amp"`` entry with this optimizer's settings. θ backups are per-step scratch, not state."""
         state = self.base_optimizer.state_dict()
-        state["amp"] = {"inner_iter": self.inner_iter, "norm": self.norm}
+        params = [p for group in self.param_groups for p in group["params"]]
+        reuse = {i: self.state[p]["reuse_delta"].clone() for i, p in enumerate(params)
+                 if "reuse_delta" in self.state.get(p, ())}
+        state["amp"] = {"inner_iter": self.inner_iter, "norm": self.norm, "perturb_every": self.perturb_every,
+                        "between": self.between, "steps": self.steps, "reuse_delta": reuse}
         return state
 
     def load_state_dict(self, state_dict):
@@ -267,10 +324,19 @@ class AMP(torch.optim.Optimizer):
         for group in self.param_groups:  # a plain base-optimizer state dict lacks our keys
             group.setdefault("epsilon", self.defaults["epsilon"])
             group.setdefault("inner_lr", self.defaults["inner_lr"])
+        params = [p for group in self.param_groups for p in group["params"]]
+        for p in params:
+            self.state.get(p, {}).pop("reuse_delta", None)
         if amp_state is not None:
             self.inner_iter = amp_state["inner_iter"]
             self.norm = amp_state["norm"]
+            self.perturb_every = amp_state.get("perturb_every", 1)
+            self.between = amp_state.get("between", "erm")
+            self.steps = amp_state.get("steps", 0)
+            for i, delta in amp_state.get("reuse_delta", {}).items():
+                self.state[params[i]]["reuse_delta"] = delta.to(device=params[i].device, dtype=params[i].dtype)
 
     def __repr__(self):
-        return (f"AMP(norm={self.norm!r}, inner_iter={self.inner_iter}, backend={self.backend!r}, "
+        schedule = f", perturb_every={self.perturb_every}, between={self.between!r}" if self.perturb_every > 1 else ""
+        return (f"AMP(norm={self.norm!r}, inner_iter={self.inner_iter}, backend={self.backend!r}{schedule}, "
                 f"base_optimizer={self.base_optimizer!r})")

@@ -75,3 +75,7 @@ def restore_sgd_(params, backups, grads, momentum_buffers, lr, momentum, dampeni
                 buf.mul_(momentum).add_(d_p, alpha=1 - dampening)
             d_p = d_p.add(buf, alpha=momentum) if nesterov else buf
         p.add_(d_p, alpha=-lr)
+
+
+def perturbation(params, backups):
+    return [dev.clone() for dev in backups]  # backups hold Δ here
