@@ -7,6 +7,7 @@ decides what to call when.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 
@@ -199,6 +200,23 @@ class AMP(torch.optim.Optimizer):
         for _group, params, backups in self._plan:
             functional.restore_(params, backups, backend=self.backend)
         self._end_perturbation()
+
+    @contextlib.contextmanager
+    def restore_on_error(self):
+        """For the two-call API: ``with opt.restore_on_error(): ...`` puts θ back if the block raises."""
+        try:
+            yield self
+        except BaseException:
+            self.restore()
+            raise
+
+    @property
+    def last_ascent_nonfinite(self) -> torch.Tensor | None:
+        """0-d bool tensor: whether the last ascent met a non-finite ‖Δ‖ (so some or, for ``global``, all of
+        its Δ were zeroed). Stays on the device; reading it as a Python bool syncs."""
+        if self.last_norms is None:
+            return None
+        return torch.logical_not(torch.isfinite(self.last_norms).all())
 
     def _end_perturbation(self):
         self._ascents = 0

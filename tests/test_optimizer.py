@@ -322,3 +322,53 @@ def test_last_norms_reports_delta_norms():
     torch.testing.assert_close(opt.last_norms[:-1], expected)
     torch.testing.assert_close(opt.last_norms[-1], expected.norm())
     opt.restore()
+
+
+@pytest.mark.parametrize("backend", EXACT)
+def test_restore_on_error_context_manager(backend):
+    model, batch = make_model(), make_batch()
+    opt = AMP(model.parameters(), lr=0.1, epsilon=0.05, backend=backend)
+    theta = flat(model)
+    with pytest.raises(ValueError, match="user error"):
+        with opt.restore_on_error():
+            closure_for(model, batch)()
+            opt.first_step(zero_grad=True)
+            assert not torch.equal(flat(model), theta)
+            raise ValueError("user error")
+    assert torch.equal(flat(model), theta)
+    with opt.restore_on_error():  # and the happy path steps normally
+        closure_for(model, batch)()
+        opt.first_step(zero_grad=True)
+        closure_for(model, batch)()
+        opt.second_step(zero_grad=True)
+    assert not torch.equal(flat(model), theta)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", ["per_tensor", "global"])
+def test_non_finite_ascent_gradient_is_reported_and_kept_out(backend, norm):
+    model, batch = make_model(), make_batch()
+    opt = AMP(model.parameters(), lr=0.1, epsilon=0.05, norm=norm, backend=backend)
+    assert opt.last_ascent_nonfinite is None
+    calls = []
+    inner = closure_for(model, batch, calls)
+
+    def closure():
+        result = inner()
+        if len(calls) == 1:
+            model[0].weight.grad[0, 0] = float("nan")  # only the ascent gradient is poisoned
+        return result
+
+    theta = [p.detach().clone() for p in model.parameters()]
+    opt.step(closure)
+    assert bool(opt.last_ascent_nonfinite)
+    perturbed_at = calls[1]
+    for i, (at, t) in enumerate(zip(perturbed_at, theta)):
+        assert torch.isfinite(at).all()
+        if i == 0 or norm == "global":
+            assert torch.equal(at, t)  # Δ dropped for this tensor
+        else:
+            assert not torch.equal(at, t)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    opt.step(closure_for(model, batch))
+    assert not bool(opt.last_ascent_nonfinite)
