@@ -18,6 +18,7 @@ from . import backends, functional
 
 NORMS = ("per_tensor", "global")
 BETWEEN = ("erm", "reuse")
+BN_STATS = ("all", "unperturbed")
 
 
 def _check_hyper(name: str, value, where: str = "") -> None:
@@ -34,6 +35,22 @@ def _detached(result):
         return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, outputs), loss.detach()
     raise TypeError("closure must return the loss tensor or an (outputs, loss) pair with a loss tensor, "
                     f"got {type(result).__name__}")
+
+
+@contextlib.contextmanager
+def _frozen_bn_statistics(model):
+    """BatchNorm layers run with momentum 0 (running statistics unchanged) and their batch counters kept."""
+    saved = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training and module.track_running_stats:
+            saved.append((module, module.momentum, module.num_batches_tracked.clone()))
+            module.momentum = 0.0
+    try:
+        yield
+    finally:
+        for module, momentum, count in saved:
+            module.momentum = momentum
+            module.num_batches_tracked.copy_(count)
 
 
 class AMP(torch.optim.Optimizer):
@@ -56,6 +73,13 @@ class AMP(torch.optim.Optimizer):
         between: ``"erm"``: a plain base-optimizer step (one closure call); ``"reuse"``: the Δ of the last full
             step, projected onto the current ε-ball, is applied at the current θ, then one closure call at θ + Δ,
             restore and the base step (one closure call; keeps one more parameter-sized buffer).
+        model: the module being trained; needed only by ``bn_stats`` and ``sync_ascent``.
+        bn_stats: ``"all"`` (default, as the original): every forward pass updates BatchNorm running statistics;
+            ``"unperturbed"``: passes at θ + Δ run with BN momentum 0, so only the pass at θ updates them
+            (a ``reuse`` step then updates none).
+        sync_ascent: with a ``DistributedDataParallel`` model, ``False`` runs the ascent backward passes under
+            ``no_sync()``: each worker perturbs with its local gradient (one all-reduce saved per step; SAM's
+            "m-sharpness"). The final backward, whose gradient the base optimizer uses, is always synchronised.
         **base_kwargs: passed to ``base_optimizer`` (momentum, weight_decay, ...).
 
     ``step(closure)``: the closure runs forward and backward and returns ``loss`` or ``(outputs, loss)``;
@@ -64,7 +88,8 @@ class AMP(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr, epsilon, inner_lr=1.0, inner_iter=1, base_optimizer=torch.optim.SGD, *,
-                 norm="per_tensor", backend="auto", perturb_every=1, between="erm", **base_kwargs):
+                 norm="per_tensor", backend="auto", perturb_every=1, between="erm", model=None, bn_stats="all",
+                 sync_ascent=True, **base_kwargs):
         _check_hyper("epsilon", epsilon)
         _check_hyper("inner_lr", inner_lr)
         if isinstance(inner_iter, bool) or not isinstance(inner_iter, int) or inner_iter < 0:
@@ -75,6 +100,14 @@ class AMP(torch.optim.Optimizer):
             raise ValueError(f"perturb_every must be an int >= 1, got {perturb_every!r}")
         if between not in BETWEEN:
             raise ValueError(f"between must be one of {', '.join(map(repr, BETWEEN))}, got {between!r}")
+        if bn_stats not in BN_STATS:
+            raise ValueError(f"bn_stats must be one of {', '.join(map(repr, BN_STATS))}, got {bn_stats!r}")
+        if (bn_stats != "all" or not sync_ascent) and not isinstance(model, torch.nn.Module):
+            raise ValueError("bn_stats='unperturbed' and sync_ascent=False need the model: pass model=<nn.Module>, "
+                             f"got model={model!r}")
+        if not sync_ascent and not hasattr(model, "no_sync"):
+            raise ValueError("sync_ascent=False needs a DistributedDataParallel model (one with no_sync()), got "
+                             f"{type(model).__name__}")
         backends.check_name(backend)
         if backend != "auto":
             reason = backends.unavailable_reason(backend)
@@ -90,6 +123,9 @@ class AMP(torch.optim.Optimizer):
         self.perturb_every = perturb_every
         self.between = between
         self.steps = 0  # step(closure) calls completed; the schedule counts these
+        self.model = model
+        self.bn_stats = bn_stats
+        self.sync_ascent = sync_ascent
         defaults = dict(lr=lr, epsilon=epsilon, inner_lr=inner_lr, **base_kwargs)
         super().__init__(params, defaults)
         # The base optimizer shares our param-group dicts, so schedulers and per-group options reach both.
@@ -97,6 +133,7 @@ class AMP(torch.optim.Optimizer):
         self._ascents = 0  # ascent steps taken since θ was saved; > 0 means the parameters are perturbed
         self._plan = []  # (group, params, backups) per group and device while perturbed
         self._keep_delta = False  # whether second_step stores Δ for the "reuse" steps that follow
+        self._step_norms = []  # the norms of every ascent of the current step
         self.last_norms = None  # fp32 norms of Δ from the last ascent, for logging
 
     # -- param groups live in the base optimizer -------------------------------------------------------
@@ -126,8 +163,13 @@ class AMP(torch.optim.Optimizer):
 
     # -- Algorithm 1 ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure=None):
-        """One AMP step: ``inner_iter`` ascents, each followed by a closure call, then the base step."""
+    def step(self, closure=None, scaler=None):
+        """One AMP step: ``inner_iter`` ascents, each followed by a closure call, then the base step.
+
+        With a ``torch.amp.GradScaler`` whose ``scale(loss).backward()`` the closure calls, pass it as ``scaler``
+        (and call ``scaler.update()`` afterwards, as usual): the ascent uses the unscaled gradient, and a
+        non-finite gradient in any pass skips the base step so that the scaler backs off.
+        """
         if closure is None:
             raise ValueError("AMP.step needs a closure (it runs forward and backward twice); without one, "
                              "call first_step() and second_step() around your own backward passes")
@@ -136,19 +178,22 @@ class AMP(torch.optim.Optimizer):
         closure = torch.enable_grad()(closure)
         kind = self.next_step_kind()
         self._keep_delta = kind == "amp" and self.between == "reuse" and self.perturb_every > 1
+        ascents = self.inner_iter if kind == "amp" else 0
         try:
             self.zero_grad()
             if kind == "reuse":
                 self._perturb(self._reused_delta_plan(), first=True, reuse=True)  # θ + Δ_last
-                result = _detached(closure())  # g = ∇L(θ + Δ)
-                self.second_step()
+                result = _detached(self._forward_backward(closure, perturbed=True, ascent=False))  # ∇L(θ + Δ)
+                self.second_step(scaler=scaler)
             else:
-                result = _detached(closure())  # g = ∇L(θ)
-                for _ in range(self.inner_iter if kind == "amp" else 0):
-                    self.first_step(zero_grad=True)  # θ + Δ
-                    closure()  # g = ∇L(θ + Δ)
+                result = _detached(self._forward_backward(closure, perturbed=False, ascent=ascents > 0))  # ∇L(θ)
+                for i in range(ascents):
+                    self.first_step(zero_grad=True, scaler=scaler)  # θ + Δ
+                    self._forward_backward(closure, perturbed=True, ascent=i < ascents - 1)  # ∇L(θ + Δ)
                 if self._ascents:
-                    self.second_step()  # θ, then the base step with the last g
+                    self.second_step(scaler=scaler)  # θ, then the base step with the last g
+                elif scaler is not None:
+                    scaler.step(self.base_optimizer)
                 else:
                     self.base_optimizer.step()
         except BaseException:
@@ -159,6 +204,16 @@ class AMP(torch.optim.Optimizer):
         self.steps += 1
         return result
 
+    def _forward_backward(self, closure, perturbed, ascent):
+        """One closure call, with BN statistics frozen at θ + Δ and DDP's all-reduce skipped for ascents when
+        the options ask for it."""
+        with contextlib.ExitStack() as stack:
+            if perturbed and self.bn_stats == "unperturbed":
+                stack.enter_context(_frozen_bn_statistics(self.model))
+            if ascent and not self.sync_ascent:
+                stack.enter_context(self.model.no_sync())
+            return closure()
+
     def next_step_kind(self) -> str:
         """What the next ``step(closure)`` does: ``"amp"`` (full), ``"erm"`` or ``"reuse"``."""
         if self.steps % self.perturb_every == 0:
@@ -168,26 +223,34 @@ class AMP(torch.optim.Optimizer):
         return self.between
 
     @torch.no_grad()
-    def first_step(self, zero_grad=False):
+    def first_step(self, zero_grad=False, scaler=None):
         """Ascent: Δ ← Δ + ζ·∇L, projected onto the ε-ball; the parameters become θ + Δ.
 
-        Call after a backward pass; call again after another backward for one more inner iteration.
+        Call after a backward pass; call again after another backward for one more inner iteration. With a
+        GradScaler-scaled backward, pass the ``scaler``: the ascent then uses ζ/scale (one host sync to read it).
         """
         first = self._ascents == 0
-        self._perturb(self._make_plan(lambda p: p.grad is not None) if first else self._plan, first)
+        inv_scale = 1.0 / scaler.get_scale() if scaler is not None else 1.0
+        self._perturb(self._make_plan(lambda p: p.grad is not None) if first else self._plan, first,
+                      inv_scale=inv_scale)
         if zero_grad:
             self.zero_grad()
 
     @torch.no_grad()
-    def second_step(self, zero_grad=False):
-        """Put θ back and let the base optimizer step with the gradient taken at θ + Δ."""
+    def second_step(self, zero_grad=False, scaler=None):
+        """Put θ back and let the base optimizer step with the gradient taken at θ + Δ (through ``scaler.step``
+        when a GradScaler is passed; call ``scaler.update()`` afterwards as usual)."""
         if not self._ascents:
             raise RuntimeError("second_step() needs a preceding first_step(): the parameters are not perturbed")
         if self._keep_delta:
             for _group, params, backups in self._plan:
                 for p, delta in zip(params, functional.perturbation(params, backups, backend=self.backend)):
                     self.state[p]["reuse_delta"] = delta
-        if not self._fused_sgd_step():
+        if scaler is not None:
+            self._report_ascent_overflow()
+            self.restore()
+            scaler.step(self.base_optimizer)
+        elif not self._fused_sgd_step():
             self.restore()
             self.base_optimizer.step()
         self._end_perturbation()
@@ -221,19 +284,36 @@ class AMP(torch.optim.Optimizer):
     def _end_perturbation(self):
         self._ascents = 0
         self._plan = []
+        self._step_norms = []
+
+    def _report_ascent_overflow(self):
+        """Make the scaler see an overflow of the ascent passes: their gradients are gone, but the step must be
+        skipped all the same. Adding +Inf (or exactly 0) to one gradient element does it without a host sync."""
+        if not self._step_norms:
+            return
+        norms = torch.cat([n.to(self._step_norms[0].device) for n in self._step_norms])
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.numel():
+                    flag = torch.logical_not(torch.isfinite(norms).all()).to(p.grad.device)
+                    p.grad.view(-1)[:1].add_(torch.where(flag, float("inf"), 0.0).to(p.grad.dtype))
+                    return
 
     # -- plumbing --------------------------------------------------------------------------------------
-    def _perturb(self, plan, first, reuse=False):
-        """One ascent over ``plan``: with the current gradients, or (``reuse``) with the stored Δ as the step."""
+    def _perturb(self, plan, first, reuse=False, inv_scale=1.0):
+        """One ascent over ``plan``: with the current gradients (times ``inv_scale``, for GradScaler), or
+        (``reuse``) with the stored Δ as the step."""
         self._plan = plan
         results = []
         for per_tensor, params, steps, backups, epsilon, inner_lr in self._perturb_calls(reuse):
-            results.append(functional.perturb_(params, steps, backups, epsilon, inner_lr, per_tensor, first,
-                                               backend=self.backend))
+            results.append(functional.perturb_(params, steps, backups, epsilon, inner_lr * inv_scale, per_tensor,
+                                               first, backend=self.backend))
         if len(results) > 1:
             per_tensor_norms = torch.cat([r[:-1].to(results[0].device) for r in results])
             results = [torch.cat([per_tensor_norms, torch.linalg.vector_norm(per_tensor_norms).reshape(1)])]
         self.last_norms = results[0] if results else None
+        if self.last_norms is not None:
+            self._step_norms.append(self.last_norms)
         self._ascents += 1
 
     def _make_plan(self, selected):
