@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import warnings
 from types import ModuleType
 
 # name -> module path.
@@ -90,9 +91,16 @@ def resolve(name: str, device_type: str) -> ModuleType:
     """The backend module that runs op ``name`` ("auto" or a backend name) on ``device_type``."""
     check_name(name)
     if name == "auto":
+        passed_over = []
         for candidate in _AUTO_ORDER.get(device_type, _AUTO_FALLBACK):
-            if unavailable_reason(candidate) is None and device_type in _module(candidate).DEVICE_TYPES:
+            reason = unavailable_reason(candidate)
+            if reason is None and device_type in _module(candidate).DEVICE_TYPES:
+                if passed_over:  # once per device type (this function is cached): say what is slower and why
+                    warnings.warn(f"amp_fused: backend='auto' uses {candidate!r} for {device_type} tensors because "
+                                  + "; ".join(f"{n!r} is unavailable: {r}" for n, r in passed_over),
+                                  RuntimeWarning, stacklevel=2)
                 return _module(candidate)
+            passed_over.append((candidate, reason or f"it does not run on {device_type} tensors"))
         raise ValueError(f"no backend runs on {device_type!r} tensors; available here: {available_backends()}")
     reason = unavailable_reason(name)
     if reason is not None:
