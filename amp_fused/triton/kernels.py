@@ -1,0 +1,302 @@
+"""Triton kernels of the AMP ops. Each launch covers every tensor of one dtype group through pointer tables
+(see :mod:`amp_fused.triton.metadata`): program ``pid`` handles ``CHUNK`` elements of one tensor.
+
+Compiled, they run on CUDA tensors; under Triton's interpreter (``TRITON_INTERPRET=1`` before triton is
+imported) they run on CPU tensors.
+
+Storage dtypes are fp32, fp16, bf16 and fp64; arithmetic runs in ``COMPUTE`` (fp32, fp64 for fp64).
+Norms are reduced in ``ACC`` (fp32, fp64 when the list holds an fp64 tensor), in a fixed order and
+without atomics, so they are bitwise reproducible.
+
+A program whose chunk lies wholly inside its tensor runs without masks (only a tensor's last chunk
+is ragged); with ``ALIGNED`` (every address in the launch is 16-byte aligned, checked on the host)
+those unmasked accesses compile to 16-byte vector loads and stores.
+"""
+import triton
+import triton.language as tl
+
+_INF = tl.constexpr(float("inf"))
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+@triton.jit
+def _as(value, T: tl.constexpr):
+    """A float kernel argument as a ``T`` scalar. Compiled, float arguments arrive as fp64 (their
+    annotation) and are rounded once; interpreted, they are Python floats and adopt ``T``."""
+    return (tl.zeros([], T) + value).to(T)
+
+
+@triton.jit
+def _program(prog_tensor, prog_offset, numels, prog_base, CHUNK: tl.constexpr):
+    """(global program id, tensor index, first element, numel) of this program."""
+    pid = prog_base + tl.program_id(0)
+    t = tl.load(prog_tensor + pid)
+    start = tl.multiple_of(tl.load(prog_offset + pid), CHUNK)
+    return pid, t, start, tl.load(numels + t)
+
+
+@triton.jit
+def _tensor_ptr(table, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tensor ``t``'s data from a pointer table, typed as its storage (bf16 as its uint16 bits)."""
+    address = tl.load(table + t)
+    if DTYPE == tl.bfloat16:
+        ptr = address.to(tl.pointer_type(tl.uint16))
+    else:
+        ptr = address.to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _to_compute(raw, DTYPE: tl.constexpr, COMPUTE: tl.constexpr):
+    if DTYPE == tl.bfloat16:
+        # bf16 is the upper half of an fp32: widening the bits is exact.
+        value = (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        value = raw.to(COMPUTE)
+    return value
+
+
+@triton.jit
+def _to_storage(value, DTYPE: tl.constexpr):
+    if DTYPE == tl.bfloat16:
+        # Round to nearest even on the bits, as torch does (Triton's interpreter truncates fp32 -> bf16
+        # casts, so the cast is spelled out to make both modes agree). A NaN stays a quiet NaN.
+        bits = value.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        raw = tl.where(value != value, (bits >> 16) | 0x40, rounded).to(tl.uint16)
+    else:
+        raw = value.to(DTYPE)
+    return raw
+
+
+@triton.jit
+def _load_raw(ptr, offs, mask):
+    """Storage values; 0 in masked-off lanes. ``mask`` is None for a full chunk."""
+    if mask is None:
+        raw = tl.load(ptr + offs)
+    else:
+        raw = tl.load(ptr + offs, mask=mask, other=0)
+    return raw
+
+
+@triton.jit
+def _load(ptr, offs, mask, DTYPE: tl.constexpr, COMPUTE: tl.constexpr):
+    """Values in the compute type; 0 in masked-off lanes. ``mask`` is None for a full chunk."""
+    # _load_raw and _to_compute inlined: the interpreter pays for every jit-function call.
+    if mask is None:
+        raw = tl.load(ptr + offs)
+    else:
+        raw = tl.load(ptr + offs, mask=mask, other=0)
+    if DTYPE == tl.bfloat16:
+        value = (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        value = raw.to(COMPUTE)
+    return value
+
+
+@triton.jit
+def _sqrt(x, ACC: tl.constexpr):
+    if ACC == tl.float64:
+        root = tl.sqrt(x)  # fp64 sqrt is correctly rounded on every target
+    else:
+        root = tl.sqrt_rn(x)
+    return root
+
+
+@triton.jit
+def _projection_scale(norm, epsilon, ACC: tl.constexpr):
+    """min(1, ε / (‖Δ‖ + 1e-12)), and 0 when ‖Δ‖ is not finite (NaN or Inf)."""
+    denominator = norm + 1e-12
+    if ACC == tl.float64:
+        ratio = epsilon / denominator
+    else:
+        ratio = tl.div_rn(epsilon, denominator)
+    return tl.where(norm < _INF, tl.minimum(ratio, 1.0), 0.0)
+
+
+# -- perturb_: three passes --------------------------------------------------------------------------
+
+@triton.jit
+def _sumsq_chunk(param, grad, backup, start, numel, zeta, MASKED: tl.constexpr, FIRST: tl.constexpr,
+                 DTYPE: tl.constexpr, COMPUTE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    acc = tl.zeros([BLOCK], ACC)
+    for block in tl.static_range(0, CHUNK, BLOCK):
+        offs = start + block + tl.arange(0, BLOCK)
+        mask = (offs < numel) if MASKED else None
+        delta = zeta * _load(grad, offs, mask, DTYPE, COMPUTE)
+        if not FIRST:
+            delta = (_load(param, offs, mask, DTYPE, COMPUTE) - _load(backup, offs, mask, DTYPE, COMPUTE)) + delta
+        delta = delta.to(ACC)
+        acc += delta * delta  # masked-off lanes loaded 0: they add 0
+    return tl.sum(acc)
+
+
+@triton.jit
+def perturb_sumsq_kernel(param_ptrs, grad_ptrs, backup_ptrs, numels, prog_tensor, prog_offset, partials, prog_base,
+                         inner_lr: tl.float64, FIRST: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
+                         ACC: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 1: partials[pid] = Σ Δ² over this program's chunk, Δ = ζg (FIRST) or (params − backups) + ζg."""
+    pid, t, start, numel = _program(prog_tensor, prog_offset, numels, prog_base, CHUNK)
+    zeta = _as(inner_lr, COMPUTE)
+    param = _tensor_ptr(param_ptrs, t, DTYPE, ALIGNED)
+    grad = _tensor_ptr(grad_ptrs, t, DTYPE, ALIGNED)
+    backup = _tensor_ptr(backup_ptrs, t, DTYPE, ALIGNED)
+    if start + CHUNK <= numel:
+        sumsq = _sumsq_chunk(param, grad, backup, start, numel, zeta, False, FIRST, DTYPE, COMPUTE, ACC, CHUNK, BLOCK)
+    else:
+        sumsq = _sumsq_chunk(param, grad, backup, start, numel, zeta, True, FIRST, DTYPE, COMPUTE, ACC, CHUNK, BLOCK)
+    tl.store(partials + pid, sumsq)
+
+
+@triton.jit
+def perturb_scale_kernel(partials, first_prog, n_chunks, norms, scales, n, max_chunks, epsilon: tl.float64,
+                         PER_TENSOR: tl.constexpr, ACC: tl.constexpr, T_BLOCK: tl.constexpr,
+                         C_BLOCK: tl.constexpr):
+    """Pass 2, one program: per-tensor sums of the partials in a fixed order, the norms (n per-tensor,
+    then the global one from the per-tensor sums) and the scale of every tensor."""
+    eps = _as(epsilon, ACC)
+    total = tl.zeros([T_BLOCK], ACC)
+    for t0 in range(0, n, T_BLOCK):
+        ts = t0 + tl.arange(0, T_BLOCK)
+        t_mask = ts < n
+        first = tl.load(first_prog + ts, mask=t_mask, other=0)
+        count = tl.load(n_chunks + ts, mask=t_mask, other=0)  # 0 beyond n: nothing loaded
+        acc = tl.zeros([T_BLOCK, C_BLOCK], ACC)
+        for c0 in range(0, max_chunks, C_BLOCK):
+            cs = c0 + tl.arange(0, C_BLOCK)
+            acc += tl.load(partials + first[:, None] + cs[None, :], mask=cs[None, :] < count[:, None], other=0.0)
+        sumsq = tl.sum(acc, axis=1)
+        norm = _sqrt(sumsq, ACC)
+        tl.store(norms + ts, norm.to(tl.float32), mask=t_mask)
+        total += sumsq
+        if PER_TENSOR:
+            tl.store(scales + ts, _projection_scale(norm, eps, ACC), mask=t_mask)
+    total_norm = _sqrt(tl.sum(total), ACC)
+    tl.store(norms + n, total_norm.to(tl.float32))
+    if not PER_TENSOR:
+        scale = tl.zeros([T_BLOCK], ACC) + _projection_scale(total_norm, eps, ACC)
+        for t0 in range(0, n, T_BLOCK):
+            ts = t0 + tl.arange(0, T_BLOCK)
+            tl.store(scales + ts, scale, mask=ts < n)
+
+
+@triton.jit
+def _apply_chunk(param, grad, backup, start, numel, zeta, scale, moves, MASKED: tl.constexpr, FIRST: tl.constexpr,
+                 DTYPE: tl.constexpr, COMPUTE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    for block in tl.static_range(0, CHUNK, BLOCK):
+        offs = start + block + tl.arange(0, BLOCK)
+        mask = (offs < numel) if MASKED else None
+        if FIRST:
+            theta_raw = _load_raw(param, offs, mask)
+            tl.store(backup + offs, theta_raw, mask=mask)
+        else:
+            theta_raw = _load_raw(backup, offs, mask)
+        if moves:
+            theta = _to_compute(theta_raw, DTYPE, COMPUTE)
+            delta = zeta * _load(grad, offs, mask, DTYPE, COMPUTE)
+            if not FIRST:
+                delta = (_load(param, offs, mask, DTYPE, COMPUTE) - theta) + delta
+            tl.store(param + offs, _to_storage(theta + scale * delta, DTYPE), mask=mask)
+        else:
+            # A dropped Δ may hold NaN/Inf: write θ's own bits, no arithmetic on them.
+            tl.store(param + offs, theta_raw, mask=mask)
+
+
+@triton.jit
+def perturb_apply_kernel(param_ptrs, grad_ptrs, backup_ptrs, numels, prog_tensor, prog_offset, scales, prog_base,
+                         inner_lr: tl.float64, FIRST: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
+                         ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 3: params ← θ + scale·Δ, or exactly θ where scale is 0 (FIRST: also backups ← θ)."""
+    _, t, start, numel = _program(prog_tensor, prog_offset, numels, prog_base, CHUNK)
+    zeta = _as(inner_lr, COMPUTE)
+    param = _tensor_ptr(param_ptrs, t, DTYPE, ALIGNED)
+    grad = _tensor_ptr(grad_ptrs, t, DTYPE, ALIGNED)
+    backup = _tensor_ptr(backup_ptrs, t, DTYPE, ALIGNED)
+    scale_acc = tl.load(scales + t)
+    moves = scale_acc != 0
+    scale = scale_acc.to(COMPUTE)
+    if start + CHUNK <= numel:
+        _apply_chunk(param, grad, backup, start, numel, zeta, scale, moves, False, FIRST, DTYPE, COMPUTE, CHUNK,
+                     BLOCK)
+    else:
+        _apply_chunk(param, grad, backup, start, numel, zeta, scale, moves, True, FIRST, DTYPE, COMPUTE, CHUNK,
+                     BLOCK)
+
+
+# -- restore_sgd_ and restore_: one pass each --------------------------------------------------------
+
+@triton.jit
+def _sgd_chunk(param, backup, grad, buf, start, numel, lr, momentum, one_minus_dampening, weight_decay,
+               MASKED: tl.constexpr, MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
+               MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
+               CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    for block in tl.static_range(0, CHUNK, BLOCK):
+        offs = start + block + tl.arange(0, BLOCK)
+        mask = (offs < numel) if MASKED else None
+        theta = _load(backup, offs, mask, DTYPE, COMPUTE)
+        d_p = _load(grad, offs, mask, DTYPE, COMPUTE)
+        if MAXIMIZE:
+            d_p = -d_p
+        if WEIGHT_DECAY:
+            d_p = d_p + weight_decay * theta
+        if MOMENTUM:
+            if FIRST_STEP:
+                new_buf = d_p
+            else:
+                new_buf = momentum * _load(buf, offs, mask, DTYPE, COMPUTE) + one_minus_dampening * d_p
+            tl.store(buf + offs, _to_storage(new_buf, DTYPE), mask=mask)
+            if NESTEROV:
+                d_p = d_p + momentum * new_buf
+            else:
+                d_p = new_buf
+        tl.store(param + offs, _to_storage(theta - lr * d_p, DTYPE), mask=mask)
+
+
+@triton.jit
+def restore_sgd_kernel(param_ptrs, backup_ptrs, grad_ptrs, buf_ptrs, numels, prog_tensor, prog_offset, prog_base,
+                       lr: tl.float64, momentum: tl.float64, one_minus_dampening: tl.float64,
+                       weight_decay: tl.float64, MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr,
+                       NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                       DTYPE: tl.constexpr, COMPUTE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """params ← θ, then one torch.optim.SGD step on it with grads (buffers only touched when MOMENTUM)."""
+    _, t, start, numel = _program(prog_tensor, prog_offset, numels, prog_base, CHUNK)
+    lr_c = _as(lr, COMPUTE)
+    momentum_c = _as(momentum, COMPUTE)
+    one_minus_dampening_c = _as(one_minus_dampening, COMPUTE)
+    weight_decay_c = _as(weight_decay, COMPUTE)
+    param = _tensor_ptr(param_ptrs, t, DTYPE, ALIGNED)
+    backup = _tensor_ptr(backup_ptrs, t, DTYPE, ALIGNED)
+    grad = _tensor_ptr(grad_ptrs, t, DTYPE, ALIGNED)
+    buf = _tensor_ptr(buf_ptrs, t, DTYPE, ALIGNED)  # without MOMENTUM the params' table stands in, unused
+    if start + CHUNK <= numel:
+        _sgd_chunk(param, backup, grad, buf, start, numel, lr_c, momentum_c, one_minus_dampening_c, weight_decay_c,
+                   False, MOMENTUM, FIRST_STEP, NESTEROV, MAXIMIZE, WEIGHT_DECAY, DTYPE, COMPUTE, CHUNK, BLOCK)
+    else:
+        _sgd_chunk(param, backup, grad, buf, start, numel, lr_c, momentum_c, one_minus_dampening_c, weight_decay_c,
+                   True, MOMENTUM, FIRST_STEP, NESTEROV, MAXIMIZE, WEIGHT_DECAY, DTYPE, COMPUTE, CHUNK, BLOCK)
+
+
+@triton.jit
+def _copy_chunk(dst, src, start, numel, MASKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    for block in tl.static_range(0, CHUNK, BLOCK):
+        offs = start + block + tl.arange(0, BLOCK)
+        mask = (offs < numel) if MASKED else None
+        tl.store(dst + offs, _load_raw(src, offs, mask), mask=mask)
+
+
+@triton.jit
+def copy_kernel(dst_ptrs, src_ptrs, numels, prog_tensor, prog_offset, prog_base, WORD: tl.constexpr,
+                ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """dst ← src, moved as integer words of the element size: a bit-exact copy, NaN payloads included."""
+    _, t, start, numel = _program(prog_tensor, prog_offset, numels, prog_base, CHUNK)
+    dst = _tensor_ptr(dst_ptrs, t, WORD, ALIGNED)
+    src = _tensor_ptr(src_ptrs, t, WORD, ALIGNED)
+    if start + CHUNK <= numel:
+        _copy_chunk(dst, src, start, numel, False, CHUNK, BLOCK)
+    else:
+        _copy_chunk(dst, src, start, numel, True, CHUNK, BLOCK)

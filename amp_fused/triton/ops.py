@@ -1,0 +1,233 @@
+"""Host side of the Triton backend: checks, metadata, and the kernel launches of each op.
+
+Semantics of the ops: :mod:`amp_fused.backends`. Launches per call, with G dtype groups in the list:
+``perturb_`` 2G + 1 (sums of squares, scales, apply), ``restore_`` G, ``restore_sgd_`` G.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Sequence
+
+import torch
+
+from .metadata import CACHE, CHUNK, Layout, spec_of
+
+# Read once, like Triton's own switch: whether CPU tensors may run (under Triton's interpreter).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class PassConfig:
+    block: int  # elements per vector step; CHUNK / block steps per program
+    num_warps: int
+
+
+# The sum-of-squares and copy passes keep one value per element live, so they take the whole chunk in
+# one step (16 elements per thread); apply and SGD keep three to four streams plus conversions live per
+# element, so they take half-chunk steps to keep register pressure down.
+SUMSQ = PassConfig(block=4096, num_warps=8)
+APPLY = PassConfig(block=2048, num_warps=8)
+SGD = PassConfig(block=2048, num_warps=8)
+COPY = PassConfig(block=4096, num_warps=8)
+# The scale pass is one program: tensors T_BLOCK at a time, their partial sums C_BLOCK at a time.
+SCALE_T_BLOCK, SCALE_C_BLOCK, SCALE_NUM_WARPS = 32, 64, 4
+
+for _config in (SUMSQ, APPLY, SGD, COPY):
+    assert CHUNK % _config.block == 0, "a program's chunk must be whole vector steps"
+
+
+@functools.lru_cache(maxsize=None)
+def kernels() -> ModuleType:
+    """The kernels module, after checking Triton runs it in the mode ``INTERPRET`` says.
+
+    Triton decides at import whether ``triton.jit`` compiles or interprets, for its own library
+    (``tl.zeros``, ``tl.sum``, ...) as for our kernels, so the switch must be set before triton is
+    imported and stay as it was.
+    """
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    from . import kernels as module
+
+    interpreted = {not isinstance(fn, JITFunction) for fn in (tl.zeros, module.copy_kernel)}
+    if interpreted != {INTERPRET}:
+        raise RuntimeError(
+            "triton backend: Triton's interpreter must be on (TRITON_INTERPRET=1) or off before triton is "
+            f"imported and stay so; amp_fused's backend was loaded with it {'on' if INTERPRET else 'off'}, but "
+            f"triton.language runs {'interpreted' if not isinstance(tl.zeros, JITFunction) else 'compiled'} and "
+            f"the kernels {'interpreted' if not isinstance(module.copy_kernel, JITFunction) else 'compiled'}")
+    return module
+
+
+def _kernels_for(device: torch.device) -> ModuleType:
+    if device.type == "cuda" or (device.type == "cpu" and INTERPRET):
+        return kernels()
+    raise ValueError(f"triton backend: tensors must be on a CUDA device (or on the CPU when TRITON_INTERPRET=1 "
+                     f"is set before amp_fused loads this backend), got {device}")
+
+
+def _host_copies_under_interpreter(*written: str):
+    """Under the interpreter, run the op on host copies of CUDA tensors and copy the ``written`` lists back.
+
+    The interpreter runs every kernel on host copies of its tensor arguments; the tensors our kernels
+    reach through pointer tables are not arguments, so for CUDA tensors the op makes those copies itself.
+    (Compiled, the kernels work on the CUDA tensors directly.)
+    """
+    def wrap(op):
+        signature = inspect.signature(op)
+
+        @functools.wraps(op)
+        def run(*args, **kwargs):
+            params = args[0] if args else kwargs["params"]
+            if not (INTERPRET and len(params) and params[0].device.type == "cuda"):
+                return op(*args, **kwargs)
+            arguments = signature.bind(*args, **kwargs).arguments
+            host = {name: [t.cpu() for t in value] if isinstance(value, (list, tuple)) else value
+                    for name, value in arguments.items()}
+            result = op(**host)
+            for name in written:
+                if len(arguments[name]):
+                    torch._foreach_copy_(arguments[name], host[name])
+            return result.to(params[0].device) if isinstance(result, torch.Tensor) else result
+        return run
+    return wrap
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_types(dtype: torch.dtype):
+    """(storage, compute, word) Triton dtypes of a supported torch dtype."""
+    import triton.language as tl
+
+    storage = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+               torch.float64: tl.float64}[dtype]
+    compute = tl.float64 if dtype == torch.float64 else tl.float32
+    word = {2: tl.int16, 4: tl.int32, 8: tl.int64}[dtype.itemsize]
+    return storage, compute, word
+
+
+def _acc_type(layout: Layout):
+    import triton.language as tl
+
+    return tl.float64 if layout.acc_dtype == torch.float64 else tl.float32
+
+
+def _describe(entry) -> str:
+    dtype, shape, stride = entry
+    return f"dtype {dtype}, shape {tuple(shape)}, stride {stride}"
+
+
+def _prepare(**lists: Sequence[torch.Tensor]):
+    """The layout of ``params``, a pointer table per list (each list checked against ``params``), and
+    whether every address is 16-byte aligned."""
+    params = lists["params"]
+    device = params[0].device
+    spec = spec_of(params)
+    layout = CACHE.layout(spec, device)
+    tables = []
+    for name, tensors in lists.items():
+        if name != "params":
+            if len(tensors) != len(params):
+                raise ValueError(f"triton backend: {name} has {len(tensors)} tensors, params has {len(params)}")
+            other = spec_of(tensors)
+            if other != spec:
+                i = next(i for i, (a, b) in enumerate(zip(spec, other)) if a != b)
+                raise ValueError(f"triton backend: {name}[{i}] has {_describe(other[i])} but params[{i}] has "
+                                 f"{_describe(spec[i])}; they must match")
+        tables.append(CACHE.pointer_table(tensors, device, name))
+    return layout, [t.table for t in tables], all(t.aligned for t in tables)
+
+
+def _device_guard(device: torch.device):
+    # Triton launches on the current CUDA device and stream.
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@_host_copies_under_interpreter("params", "backups")
+def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first):
+    if not params:
+        return torch.zeros(1)
+    device = params[0].device
+    k = _kernels_for(device)
+    layout, (param_table, grad_table, backup_table), aligned = _prepare(params=params, grads=grads, backups=backups)
+    acc = _acc_type(layout)
+    partials = torch.empty(layout.num_programs, dtype=layout.acc_dtype, device=device)
+    scales = torch.empty(layout.num_tensors, dtype=layout.acc_dtype, device=device)
+    norms = torch.empty(layout.num_tensors + 1, dtype=torch.float32, device=device)
+    tensor_args = (param_table, grad_table, backup_table, layout.numels, layout.prog_tensor, layout.prog_offset)
+    with _device_guard(device):
+        for group in layout.groups:
+            if group.num_programs:
+                storage, compute, _ = _triton_types(group.dtype)
+                k.perturb_sumsq_kernel[(group.num_programs,)](
+                    *tensor_args, partials, group.prog_base, float(inner_lr), FIRST=bool(first), DTYPE=storage,
+                    COMPUTE=compute, ACC=acc, ALIGNED=aligned, CHUNK=CHUNK, BLOCK=SUMSQ.block,
+                    num_warps=SUMSQ.num_warps)
+        k.perturb_scale_kernel[(1,)](
+            partials, layout.first_prog, layout.n_chunks, norms, scales, layout.num_tensors, layout.max_chunks,
+            float(epsilon), PER_TENSOR=bool(per_tensor), ACC=acc, T_BLOCK=SCALE_T_BLOCK, C_BLOCK=SCALE_C_BLOCK,
+            num_warps=SCALE_NUM_WARPS)
+        for group in layout.groups:
+            if group.num_programs:
+                storage, compute, _ = _triton_types(group.dtype)
+                k.perturb_apply_kernel[(group.num_programs,)](
+                    *tensor_args, scales, group.prog_base, float(inner_lr), FIRST=bool(first), DTYPE=storage,
+                    COMPUTE=compute, ALIGNED=aligned, CHUNK=CHUNK, BLOCK=APPLY.block, num_warps=APPLY.num_warps)
+    # The kernels write through raw pointers: tell autograd the tensors changed in place.
+    torch.autograd.graph.increment_version(params)
+    if first:
+        torch.autograd.graph.increment_version(backups)
+    return norms
+
+
+@_host_copies_under_interpreter("params")
+def restore_(params, backups):
+    if not params:
+        return
+    device = params[0].device
+    k = _kernels_for(device)
+    layout, (param_table, backup_table), aligned = _prepare(params=params, backups=backups)
+    with _device_guard(device):
+        for group in layout.groups:
+            if group.num_programs:
+                _, _, word = _triton_types(group.dtype)
+                k.copy_kernel[(group.num_programs,)](
+                    param_table, backup_table, layout.numels, layout.prog_tensor, layout.prog_offset,
+                    group.prog_base, WORD=word, ALIGNED=aligned, CHUNK=CHUNK, BLOCK=COPY.block,
+                    num_warps=COPY.num_warps)
+    torch.autograd.graph.increment_version(params)
+
+
+@_host_copies_under_interpreter("params", "momentum_buffers")
+def restore_sgd_(params, backups, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
+                 maximize, first_step):
+    if not params:
+        return
+    device = params[0].device
+    k = _kernels_for(device)
+    uses_buffers = momentum != 0
+    if uses_buffers:
+        layout, (param_table, backup_table, grad_table, buf_table), aligned = _prepare(
+            params=params, backups=backups, grads=grads, momentum_buffers=momentum_buffers)
+    else:
+        layout, (param_table, backup_table, grad_table), aligned = _prepare(params=params, backups=backups,
+                                                                            grads=grads)
+        buf_table = param_table  # never read without momentum
+    with _device_guard(device):
+        for group in layout.groups:
+            if group.num_programs:
+                storage, compute, _ = _triton_types(group.dtype)
+                k.restore_sgd_kernel[(group.num_programs,)](
+                    param_table, backup_table, grad_table, buf_table, layout.numels, layout.prog_tensor,
+                    layout.prog_offset, group.prog_base, float(lr), float(momentum), 1.0 - float(dampening),
+                    float(weight_decay), MOMENTUM=uses_buffers, FIRST_STEP=bool(first_step),
+                    NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), WEIGHT_DECAY=weight_decay != 0,
+                    DTYPE=storage, COMPUTE=compute, ALIGNED=aligned, CHUNK=CHUNK, BLOCK=SGD.block,
+                    num_warps=SGD.num_warps)
+    torch.autograd.graph.increment_version(params)
+    if uses_buffers:
+        torch.autograd.graph.increment_version(momentum_buffers)
