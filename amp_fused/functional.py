@@ -1,6 +1,7 @@
 """Functional form of the AMP ops: check the arguments, pick the backend, call it.
 
-The optimizer calls only these; see :mod:`amp_fused.backends` for what each op computes.
+The optimizer calls only these; see :mod:`amp_fused.backends` for what each op computes. Lists with
+DTensor-sharded parameters (FSDP2) go to :mod:`amp_fused.sharded`, whose norms are those of the full tensors.
 """
 from __future__ import annotations
 
@@ -8,13 +9,32 @@ from typing import Sequence
 
 import torch
 
-from . import backends
+from . import backends, sharded
 
 Tensors = Sequence[torch.Tensor]
 
 
 def _device_type(params: Tensors) -> str:
     return params[0].device.type if params else "cpu"
+
+
+def _backend_name(backend: str, device_type: str) -> str:
+    return backends.resolve(backend, device_type).NAME
+
+
+# Resolving may import the backend's module, which Dynamo cannot trace: under torch.compile this runs at trace
+# time and its result is a constant of the graph (its arguments are guarded constants there). This is what
+# torch.compiler.assume_constant_result does; setting the mark directly keeps `import amp_fused` from importing
+# Dynamo (and with it Triton), seconds of start-up for users who never compile.
+_backend_name._dynamo_marked_constant = True
+
+
+def _ops(backend: str, params: Tensors):
+    """The module that runs the ops on ``params``: :mod:`amp_fused.sharded` for DTensors, else the backend."""
+    if sharded.is_sharded(params):
+        backends.check_name(backend)
+        return sharded
+    return getattr(backends, _backend_name(backend, _device_type(params)))  # resolving imported the submodule
 
 
 def _check_lists(op: str, **lists: Tensors) -> None:
@@ -41,14 +61,14 @@ def perturb_(params: Tensors, grads: Tensors, backups: Tensors, epsilon: float, 
     """One ascent of Algorithm 1 in place on ``params``; returns the fp32 norms of Δ."""
     _check_lists("perturb_", params=params, grads=grads, backups=backups)
     _check_nonnegative("perturb_", epsilon=epsilon, inner_lr=inner_lr)
-    ops = backends.resolve(backend, _device_type(params))
+    ops = _ops(backend, params)
     return ops.perturb_(params, grads, backups, float(epsilon), float(inner_lr), bool(per_tensor), bool(first))
 
 
 def restore_(params: Tensors, backups: Tensors, *, backend: str = "auto") -> None:
     """Put θ back into ``params``."""
     _check_lists("restore_", params=params, backups=backups)
-    backends.resolve(backend, _device_type(params)).restore_(params, backups)
+    _ops(backend, params).restore_(params, backups)
 
 
 def restore_sgd_(params: Tensors, backups: Tensors, grads: Tensors, momentum_buffers: Tensors, lr: float,
@@ -61,7 +81,7 @@ def restore_sgd_(params: Tensors, backups: Tensors, grads: Tensors, momentum_buf
     else:
         _check_lists("restore_sgd_", params=params, backups=backups, grads=grads)
     _check_nonnegative("restore_sgd_", lr=lr, momentum=momentum, weight_decay=weight_decay)
-    backends.resolve(backend, _device_type(params)).restore_sgd_(
+    _ops(backend, params).restore_sgd_(
         params, backups, grads, momentum_buffers, float(lr), float(momentum), float(dampening),
         float(weight_decay), bool(nesterov), bool(maximize), bool(first_step))
 
@@ -69,7 +89,7 @@ def restore_sgd_(params: Tensors, backups: Tensors, grads: Tensors, momentum_buf
 def perturbation(params: Tensors, backups: Tensors, *, backend: str = "auto") -> list:
     """The current Δ of perturbed ``params`` as new tensors (what "reuse" steps apply again)."""
     _check_lists("perturbation", params=params, backups=backups)
-    ops = backends.resolve(backend, _device_type(params))
+    ops = _ops(backend, params)
     if hasattr(ops, "perturbation"):
         return ops.perturbation(params, backups)
     return list(torch._foreach_sub(params, backups)) if params else []  # backups hold θ

@@ -8,6 +8,7 @@ decides what to call when.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections import defaultdict
 
@@ -35,6 +36,28 @@ def _detached(result):
         return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, outputs), loss.detach()
     raise TypeError("closure must return the loss tensor or an (outputs, loss) pair with a loss tensor, "
                     f"got {type(result).__name__}")
+
+
+def _eager_under_compile(fn):
+    """Run ``fn`` eagerly under torch.compile.
+
+    Dynamo (torch 2.14) silently drops attribute assignments on the torch.optim.Optimizer objects it traces, and
+    this optimizer keeps its progress (ascent count, plan, step count) in attributes: a traced step would skip the
+    restore. So the stepping methods run eagerly; compile the model instead (a compiled model still runs compiled
+    inside them), the ops themselves are fused already. ``torch.compiler.disable`` is applied at the first call,
+    as torch.optim does, so that importing amp_fused does not import Dynamo.
+    """
+    disabled = None
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(
+                fn, reason="AMP keeps its per-step state in optimizer attributes, whose assignments Dynamo drops")
+        return disabled(*args, **kwargs)
+
+    return wrapper
 
 
 @contextlib.contextmanager
@@ -67,7 +90,8 @@ class AMP(torch.optim.Optimizer):
         norm: ``"per_tensor"`` projects each parameter tensor on its own ε-ball (what the original code
             does; the default), ``"global"`` projects Δ over all parameters (the paper's Algorithm 1).
         backend: ``"auto"`` (fastest available for the parameters' device) or a name from
-            :func:`amp_fused.available_backends`.
+            :func:`amp_fused.available_backends`. DTensor parameters (FSDP2's ``fully_shard``) always take
+            :mod:`amp_fused.sharded`: foreach ops on the local shards, with the norms of the full tensors.
         perturb_every: amortised schedule of ``step(closure)``: steps 0, k, 2k, ... are full AMP steps, the
             others are cheaper steps of the kind ``between`` names (default 1: every step is exact AMP).
         between: ``"erm"``: a plain base-optimizer step (one closure call); ``"reuse"``: the Δ of the last full
@@ -162,6 +186,7 @@ class AMP(torch.optim.Optimizer):
         base.add_param_group(param_group)
 
     # -- Algorithm 1 ---------------------------------------------------------------------------------
+    @_eager_under_compile
     @torch.no_grad()
     def step(self, closure=None, scaler=None):
         """One AMP step: ``inner_iter`` ascents, each followed by a closure call, then the base step.
@@ -222,6 +247,7 @@ class AMP(torch.optim.Optimizer):
             return "amp"  # nothing to reuse yet (e.g. resumed from a plain base-optimizer state dict)
         return self.between
 
+    @_eager_under_compile
     @torch.no_grad()
     def first_step(self, zero_grad=False, scaler=None):
         """Ascent: Δ ← Δ + ζ·∇L, projected onto the ε-ball; the parameters become θ + Δ.
@@ -236,6 +262,7 @@ class AMP(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
+    @_eager_under_compile
     @torch.no_grad()
     def second_step(self, zero_grad=False, scaler=None):
         """Put θ back and let the base optimizer step with the gradient taken at θ + Δ (through ``scaler.step``
@@ -257,6 +284,7 @@ class AMP(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
+    @_eager_under_compile
     @torch.no_grad()
     def restore(self):
         """Put θ back without stepping (a no-op when the parameters are not perturbed)."""
