@@ -8,8 +8,8 @@ STAMP := $(VENV)/.installed
 TORCH_PKGS := torch==2.14.1 torchvision==0.29.1
 CUDA_HOME ?= /usr/local/cuda
 export CUDA_HOME
-# No GPU on the build machines: give cpp_extension an arch to build for.
-TORCH_CUDA_ARCH_LIST ?= 9.0
+# No GPU on the build machines: give cpp_extension an arch to build for (PTX runs on newer GPUs too).
+TORCH_CUDA_ARCH_LIST ?= 9.0+PTX
 export TORCH_CUDA_ARCH_LIST
 
 .PHONY: test test-main test-triton demo bench build clean

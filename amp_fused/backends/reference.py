@@ -29,8 +29,9 @@ def _clip_coef(epsilon, norm):
 def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first):
     old_devs = [torch.zeros_like(d) if first else d.clone() for d in backups]
     devs = [old + inner_lr * g for old, g in zip(old_devs, grads)]
-    norms = [dev.float().norm() for dev in devs]
-    total = torch.stack(norms).norm() if norms else torch.zeros(())
+    # fp32 accumulation for the half types, the tensor's own precision otherwise
+    norms = [(dev if dev.dtype in (torch.float32, torch.float64) else dev.float()).norm().double() for dev in devs]
+    total = torch.stack(norms).norm() if norms else torch.zeros((), dtype=torch.float64)
     if per_tensor:
         for i, dev in enumerate(devs):
             norm = norms[i].item()  # host sync, as in the original

@@ -1,0 +1,175 @@
+// Per-chunk work of the amp_fused ops for multi_tensor_apply.cuh (what the ops compute:
+// amp_fused/backends/__init__.py). Element math comes from amp_math.h, shared with the CPU kernels. Each
+// functor loads the storage type, computes in opmath (fp32; fp64 for fp64 tensors) and rounds once on
+// store. Thread `thread` handles the kILP-element groups starting at thread·kILP, stepping by
+// kBlockSize·kILP; group positions at or past the chunk's end load as zero and are never stored.
+#pragma once
+
+#include <ATen/OpMathType.h>
+
+#include "amp_math.h"
+#include "multi_tensor_apply.cuh"
+
+namespace amp_fused::cuda {
+
+// Pass 1 of perturb_: this thread's share of ‖Δ‖² over the chunk (the kernel sums the block and stores one
+// partial per chunk). Lists: first ascent {grads}; later ascents {params, backups, grads}.
+template <typename scalar_t, bool First>
+struct SumSquaresFunctor {
+  using opmath_t = at::opmath_type<scalar_t>;
+  static constexpr int kDepth = First ? 1 : 3;
+
+  opmath_t inner_lr;
+
+  AMP_FUSED_HD opmath_t operator()(const TensorListMetadata<kDepth>& meta, int block, int thread) const {
+    const ChunkRef c = locate_chunk(meta, block);
+    const scalar_t* grad = chunk_data<scalar_t>(meta, kDepth - 1, c);
+    const scalar_t* param = nullptr;
+    const scalar_t* backup = nullptr;
+    bool vector_ok = pack_aligned(grad);
+    if constexpr (!First) {
+      param = chunk_data<scalar_t>(meta, 0, c);
+      backup = chunk_data<scalar_t>(meta, 1, c);
+      vector_ok = vector_ok && pack_aligned(param) && pack_aligned(backup);
+    }
+    // One accumulator per group position: kILP independent add chains, combined in a fixed order.
+    opmath_t acc[kILP] = {};
+    for (int i = thread * kILP; i < c.size; i += kBlockSize * kILP) {
+      scalar_t g[kILP];
+      load_group(g, grad, i, c.size, vector_ok);
+      if constexpr (First) {
+        AMP_FUSED_UNROLL
+        for (int j = 0; j < kILP; ++j) {
+          const opmath_t delta = ascent_delta(opmath_t(0), opmath_t(0), static_cast<opmath_t>(g[j]), inner_lr, true);
+          acc[j] += delta * delta;  // zero past the chunk's end: Δ of zeros is zero
+        }
+      } else {
+        scalar_t p[kILP];
+        scalar_t b[kILP];
+        load_group(p, param, i, c.size, vector_ok);
+        load_group(b, backup, i, c.size, vector_ok);
+        AMP_FUSED_UNROLL
+        for (int j = 0; j < kILP; ++j) {
+          const opmath_t delta = ascent_delta(static_cast<opmath_t>(p[j]), static_cast<opmath_t>(b[j]),
+                                              static_cast<opmath_t>(g[j]), inner_lr, false);
+          acc[j] += delta * delta;
+        }
+      }
+    }
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  }
+};
+static_assert(kILP == 4, "SumSquaresFunctor combines exactly four accumulators");
+
+// Pass 2 of perturb_: params ← θ + scale·Δ with the tensor's scale from the norm pass (0 when its norm, or
+// the global one, is not finite: params become exactly θ). First ascent: θ is params, and it is also
+// copied to backups in this pass. Lists: {params, backups, grads}.
+template <typename scalar_t, bool First>
+struct PerturbApplyFunctor {
+  using opmath_t = at::opmath_type<scalar_t>;
+  static constexpr int kDepth = 3;
+
+  const double* scales;  // indexed by list index
+  opmath_t inner_lr;
+
+  AMP_FUSED_HD void operator()(const TensorListMetadata<kDepth>& meta, int block, int thread) const {
+    const ChunkRef c = locate_chunk(meta, block);
+    scalar_t* param = chunk_data<scalar_t>(meta, 0, c);
+    scalar_t* backup = chunk_data<scalar_t>(meta, 1, c);
+    const scalar_t* grad = chunk_data<scalar_t>(meta, 2, c);
+    const bool vector_ok = pack_aligned(param) && pack_aligned(backup) && pack_aligned(grad);
+    const opmath_t scale = static_cast<opmath_t>(scales[meta.list_index[c.slot]]);
+    for (int i = thread * kILP; i < c.size; i += kBlockSize * kILP) {
+      scalar_t p[kILP];
+      scalar_t b[kILP];
+      scalar_t g[kILP];
+      load_group(p, param, i, c.size, vector_ok);
+      if constexpr (!First) {
+        load_group(b, backup, i, c.size, vector_ok);
+      }
+      load_group(g, grad, i, c.size, vector_ok);
+      scalar_t out[kILP];
+      AMP_FUSED_UNROLL
+      for (int j = 0; j < kILP; ++j) {
+        const opmath_t current = static_cast<opmath_t>(p[j]);
+        opmath_t theta = current;
+        if constexpr (!First) {
+          theta = static_cast<opmath_t>(b[j]);
+        }
+        const opmath_t delta = ascent_delta(current, theta, static_cast<opmath_t>(g[j]), inner_lr, First);
+        out[j] = static_cast<scalar_t>(perturbed_value(theta, delta, scale));
+      }
+      if constexpr (First) {
+        store_group(backup, p, i, c.size, vector_ok);  // the stored bits of θ, not a round trip
+      }
+      store_group(param, out, i, c.size, vector_ok);
+    }
+  }
+};
+
+// restore_: params ← backups, bit for bit (no conversion). Lists: {params, backups}.
+template <typename scalar_t>
+struct CopyFunctor {
+  static constexpr int kDepth = 2;
+
+  AMP_FUSED_HD void operator()(const TensorListMetadata<kDepth>& meta, int block, int thread) const {
+    const ChunkRef c = locate_chunk(meta, block);
+    scalar_t* dst = chunk_data<scalar_t>(meta, 0, c);
+    const scalar_t* src = chunk_data<scalar_t>(meta, 1, c);
+    const bool vector_ok = pack_aligned(dst) && pack_aligned(src);
+    for (int i = thread * kILP; i < c.size; i += kBlockSize * kILP) {
+      scalar_t v[kILP];
+      load_group(v, src, i, c.size, vector_ok);
+      store_group(dst, v, i, c.size, vector_ok);
+    }
+  }
+};
+
+// restore_sgd_: params ← θ (from backups) stepped once by torch.optim.SGD with grads. Lists: {params,
+// backups, grads} plus momentum_buffers when Momentum (momentum != 0). params are written, never read; the
+// buffers are not read on the first step (they are set to d_p).
+template <typename scalar_t, bool Momentum>
+struct RestoreSgdFunctor {
+  using opmath_t = at::opmath_type<scalar_t>;
+  static constexpr int kDepth = Momentum ? 4 : 3;
+
+  SgdArgs<opmath_t> args;
+
+  AMP_FUSED_HD void operator()(const TensorListMetadata<kDepth>& meta, int block, int thread) const {
+    const ChunkRef c = locate_chunk(meta, block);
+    scalar_t* param = chunk_data<scalar_t>(meta, 0, c);
+    const scalar_t* backup = chunk_data<scalar_t>(meta, 1, c);
+    const scalar_t* grad = chunk_data<scalar_t>(meta, 2, c);
+    scalar_t* momentum_buffer = nullptr;
+    bool vector_ok = pack_aligned(param) && pack_aligned(backup) && pack_aligned(grad);
+    if constexpr (Momentum) {
+      momentum_buffer = chunk_data<scalar_t>(meta, 3, c);
+      vector_ok = vector_ok && pack_aligned(momentum_buffer);
+    }
+    const bool read_buffer = Momentum && !args.first_step;
+    for (int i = thread * kILP; i < c.size; i += kBlockSize * kILP) {
+      scalar_t b[kILP];
+      scalar_t g[kILP];
+      scalar_t m[kILP];
+      load_group(b, backup, i, c.size, vector_ok);
+      load_group(g, grad, i, c.size, vector_ok);
+      if (read_buffer) {
+        load_group(m, momentum_buffer, i, c.size, vector_ok);
+      }
+      scalar_t out[kILP];
+      AMP_FUSED_UNROLL
+      for (int j = 0; j < kILP; ++j) {
+        opmath_t buf = read_buffer ? static_cast<opmath_t>(m[j]) : opmath_t(0);
+        out[j] = static_cast<scalar_t>(
+            sgd_update(static_cast<opmath_t>(b[j]), static_cast<opmath_t>(g[j]), &buf, args));
+        m[j] = static_cast<scalar_t>(buf);
+      }
+      store_group(param, out, i, c.size, vector_ok);
+      if constexpr (Momentum) {
+        store_group(momentum_buffer, m, i, c.size, vector_ok);
+      }
+    }
+  }
+};
+
+}  // namespace amp_fused::cuda

@@ -1,0 +1,16 @@
+// Entry point of the amp_fused CUDA extension (amp_fused._C_cuda). The kernels register themselves with
+// the dispatcher (TORCH_LIBRARY_IMPL in amp_ops.cu) when the library is loaded; this file only makes it an
+// importable Python module, which amp_fused imports after amp_fused._C (that one defines the op schemas).
+// Importing needs no GPU. TORCH_EXTENSION_NAME is set by torch.utils.cpp_extension (setup.py or JIT).
+#include <pybind11/pybind11.h>
+
+#include <cuda_runtime_api.h>
+
+#include "config.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "amp_fused CUDA kernels for torch.ops.amp_fused.perturb_, restore_ and restore_sgd_";
+  // Elements per CUDA block: tests place tensor sizes at chunk boundaries with it.
+  m.attr("CHUNK_SIZE") = amp_fused::cuda::kChunkSize;
+  m.attr("CUDART_VERSION") = CUDART_VERSION;
+}

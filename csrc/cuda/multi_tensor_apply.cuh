@@ -1,0 +1,316 @@
+// Multi-tensor launcher of the amp_fused CUDA kernels: one launch processes chunks of many tensors.
+//
+// Design
+// * Chunks. An optimizer step touches tens to thousands of tensors of 1 to 10^8 elements. A launch per
+//   tensor would cost several microseconds each and leave the GPU idle on small tensors; a block per
+//   tensor would leave large ones on one SM. Every tensor is cut into chunks of kChunkSize elements (a
+//   chunk never spans two tensors) and one CUDA block processes one chunk, so a single launch covers
+//   many tensors with blocks of bounded, similar work.
+// * Metadata. The (tensor, chunk) table of a launch is a kernel argument passed by value: no device
+//   buffer, no host-to-device copy, no host sync. Kernel arguments are portably limited to 4 KB, so a
+//   table holds at most kMaxBlocks blocks and TensorListMetadata<Depth>::kMaxTensors tensors (fewer for
+//   more pointers per tensor: 111, 79, 62, 50 for depths 1-4). A new launch starts only when the table
+//   is full; a tensor whose chunks straddle two launches keeps its slot in the next table.
+// * Determinism, no float atomics. The launcher enumerates (tensor, chunk) pairs in a fixed order and
+//   numbers them op-wide (`first_block_id` + blockIdx.x). A reducing pass writes each block's sum to
+//   that slot of a partials buffer, and later kernels combine the slots in a fixed order. Inside a block,
+//   thread t always owns the kILP-element groups t, t + kBlockSize, ... of its chunk, whether they are
+//   read with vector or scalar loads, and the block reduction is a fixed tree. Results therefore depend
+//   only on the tensors' sizes and values: bitwise identical across runs, streams and alignments.
+// * Vector access. When every pointer of a tensor is aligned to kILP elements, full groups move as one
+//   aligned kILP-wide load/store (64 or 128 bits; two 128-bit ones for fp64); otherwise (unaligned
+//   views, ragged ends) element by element.
+// * Sizes and element offsets are int64; chunk indices are int32 (2^31 chunks of 2^16 elements).
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "config.h"
+
+// Host-device and always inlined: the kernels pass their by-value arguments (the metadata table, the
+// functor) by reference into these, which must not force a copy of the 4 KB table into local memory.
+#define AMP_FUSED_HD __host__ __device__ __forceinline__
+
+// Full unrolling of the kILP loops keeps the per-thread arrays in registers; the host compiler, which also
+// compiles the host-device functions, does not know the pragma.
+#if defined(__CUDA_ARCH__)
+#define AMP_FUSED_UNROLL _Pragma("unroll")
+#else
+#define AMP_FUSED_UNROLL
+#endif
+
+namespace amp_fused::cuda {
+
+// ---- kILP-element groups: vector access when aligned, scalar otherwise --------------------------------
+
+template <typename T>
+struct alignas(sizeof(T) * kILP) Pack {
+  T v[kILP];
+};
+
+template <typename T>
+AMP_FUSED_HD bool pack_aligned(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % alignof(Pack<T>) == 0;
+}
+
+// Loads elements [i, i + kILP) of an n-element chunk; positions at or past n read as zero. The vector path
+// copies through memcpy with the alignment asserted: well-defined C++ (no type punning), and nvcc emits the
+// same single wide load as for a reinterpret_cast.
+template <typename T>
+AMP_FUSED_HD void load_group(T (&dst)[kILP], const T* src, int i, int n, bool vector_ok) {
+  if (vector_ok && i + kILP <= n) {
+    Pack<T> pack;
+    std::memcpy(&pack, __builtin_assume_aligned(static_cast<const void*>(src + i), alignof(Pack<T>)), sizeof(pack));
+    AMP_FUSED_UNROLL
+    for (int j = 0; j < kILP; ++j) {
+      dst[j] = pack.v[j];
+    }
+  } else {
+    AMP_FUSED_UNROLL
+    for (int j = 0; j < kILP; ++j) {
+      dst[j] = i + j < n ? src[i + j] : T(0);
+    }
+  }
+}
+
+// Stores elements [i, i + kILP) of an n-element chunk; nothing at or past n is written.
+template <typename T>
+AMP_FUSED_HD void store_group(T* dst, const T (&src)[kILP], int i, int n, bool vector_ok) {
+  if (vector_ok && i + kILP <= n) {
+    Pack<T> pack;
+    AMP_FUSED_UNROLL
+    for (int j = 0; j < kILP; ++j) {
+      pack.v[j] = src[j];
+    }
+    std::memcpy(__builtin_assume_aligned(static_cast<void*>(dst + i), alignof(Pack<T>)), &pack, sizeof(pack));
+  } else {
+    AMP_FUSED_UNROLL
+    for (int j = 0; j < kILP; ++j) {
+      if (i + j < n) {
+        dst[i + j] = src[j];
+      }
+    }
+  }
+}
+
+// ---- launch metadata ---------------------------------------------------------------------------------
+
+// Blocks per launch. Small tensors take one block each, so this also bounds the launches of a list of
+// many small tensors together with the tensor limit.
+constexpr int kMaxBlocks = 320;
+
+// Bytes of a metadata table, leaving room in the 4 KB of kernel arguments for the functor's fields.
+constexpr int kMetadataBytes = 3840;
+constexpr int kKernelArgBytes = 4096;
+
+constexpr int max_tensors_per_launch(int depth) {
+  // first_block_id + per block (int32 chunk, uint8 slot) + per tensor (depth pointers, numel, list index)
+  return (kMetadataBytes - 8 - kMaxBlocks * 5) / (8 * depth + 8 + 4);
+}
+
+// The table of one launch. Block b processes chunk block_to_chunk[b] of the tensor in slot
+// block_to_tensor[b]; its op-wide number is first_block_id + b.
+template <int Depth>
+struct TensorListMetadata {
+  static constexpr int kMaxTensors = max_tensors_per_launch(Depth);
+  static_assert(kMaxTensors >= 1 && kMaxTensors <= 255, "slots are stored as uint8");
+
+  int64_t first_block_id;
+  void* addresses[Depth][kMaxTensors];
+  int64_t numels[kMaxTensors];
+  int32_t list_index[kMaxTensors];  // position of the tensor in the op's argument lists
+  int32_t block_to_chunk[kMaxBlocks];
+  uint8_t block_to_tensor[kMaxBlocks];
+};
+
+// The chunk a block works on: the tensor's slot, the chunk's first element and its length.
+struct ChunkRef {
+  int slot;
+  int64_t start;
+  int size;
+};
+
+template <int Depth>
+AMP_FUSED_HD ChunkRef locate_chunk(const TensorListMetadata<Depth>& meta, int block) {
+  ChunkRef c;
+  c.slot = meta.block_to_tensor[block];
+  c.start = static_cast<int64_t>(meta.block_to_chunk[block]) * kChunkSize;
+  const int64_t left = meta.numels[c.slot] - c.start;
+  c.size = static_cast<int>(left < kChunkSize ? left : kChunkSize);
+  return c;
+}
+
+// Pointer to the chunk's first element in list `list` (0 <= list < Depth).
+template <typename T, int Depth>
+AMP_FUSED_HD T* chunk_data(const TensorListMetadata<Depth>& meta, int list, const ChunkRef& c) {
+  return static_cast<T*>(meta.addresses[list][c.slot]) + c.start;
+}
+
+// ---- host side: tables and launches ------------------------------------------------------------------
+
+// One tensor as the launcher sees it: its Depth data pointers (same numel and element order), its
+// element count and its position in the op's argument lists.
+template <int Depth>
+struct TensorSlot {
+  void* ptrs[Depth];
+  int64_t numel;
+  int32_t list_index;
+};
+
+inline int64_t chunk_count(int64_t numel) {
+  const int64_t chunks = (numel + kChunkSize - 1) / kChunkSize;
+  TORCH_CHECK(chunks <= INT32_MAX, "amp_fused: a tensor of ", numel, " elements has more than 2^31 chunks");
+  return chunks;
+}
+
+// Enumerates the chunks of `tensors` in order (empty tensors have none) into tables and calls
+// launch(table, number_of_blocks) for each table, only when it is full and once at the end. Blocks are
+// numbered from first_block_id; if first_blocks is given, (*first_blocks)[k] receives the number of the
+// first chunk of tensors[k] (its chunks are numbered consecutively from there). Returns the number of
+// blocks enumerated.
+template <int Depth, typename Launch>
+int64_t for_each_launch(const std::vector<TensorSlot<Depth>>& tensors, int64_t first_block_id, Launch&& launch,
+                        std::vector<int64_t>* first_blocks = nullptr) {
+  using Meta = TensorListMetadata<Depth>;
+  Meta meta;
+  meta.first_block_id = first_block_id;
+  int ntensors = 0;
+  int nblocks = 0;
+  auto flush = [&] {
+    launch(static_cast<const Meta&>(meta), nblocks);
+    meta.first_block_id += nblocks;
+    nblocks = 0;
+  };
+  if (first_blocks != nullptr) {
+    first_blocks->assign(tensors.size(), 0);
+  }
+  for (size_t k = 0; k < tensors.size(); ++k) {
+    const TensorSlot<Depth>& t = tensors[k];
+    if (first_blocks != nullptr) {
+      (*first_blocks)[k] = meta.first_block_id + nblocks;
+    }
+    const int64_t chunks = chunk_count(t.numel);
+    if (chunks == 0) {
+      continue;
+    }
+    if (ntensors == Meta::kMaxTensors) {
+      flush();
+      ntensors = 0;
+    }
+    int slot = ntensors++;
+    auto fill_slot = [&](int s) {
+      for (int d = 0; d < Depth; ++d) {
+        meta.addresses[d][s] = t.ptrs[d];
+      }
+      meta.numels[s] = t.numel;
+      meta.list_index[s] = t.list_index;
+    };
+    fill_slot(slot);
+    for (int64_t c = 0; c < chunks; ++c) {
+      if (nblocks == kMaxBlocks) {
+        flush();
+        // Only this tensor still has chunks to come: it alone carries over, in slot 0.
+        slot = 0;
+        fill_slot(slot);
+        ntensors = 1;
+      }
+      meta.block_to_tensor[nblocks] = static_cast<uint8_t>(slot);
+      meta.block_to_chunk[nblocks] = static_cast<int32_t>(c);
+      ++nblocks;
+    }
+  }
+  if (nblocks > 0) {
+    flush();
+  }
+  return meta.first_block_id - first_block_id;
+}
+
+// ---- device side -------------------------------------------------------------------------------------
+
+// Sum over a block of Threads threads with a fixed reduction tree (deterministic). The result is valid
+// in thread 0. Call at most once per kernel (it owns one shared array) from every thread of the block.
+template <int Threads, typename T>
+__device__ __forceinline__ T block_sum(T value) {
+  static_assert(Threads % 32 == 0 && Threads <= 1024, "whole warps, at most 1024 threads");
+  constexpr int kWarps = Threads / 32;
+  __shared__ T warp_sums[kWarps];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    value += __shfl_down_sync(0xffffffffu, value, offset);
+  }
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  if (lane == 0) {
+    warp_sums[warp] = value;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    value = lane < kWarps ? warp_sums[lane] : T(0);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+      value += __shfl_down_sync(0xffffffffu, value, offset);
+    }
+  }
+  return value;
+}
+
+// Functor interface: `f(meta, block, thread)` does thread `thread`'s share of block `block`'s chunk. The
+// coordinates are explicit (not threadIdx/blockIdx) so the per-thread work is ordinary host-device code.
+template <int Depth, typename Functor>
+__global__ void __launch_bounds__(kBlockSize) apply_kernel(TensorListMetadata<Depth> meta, Functor f) {
+  f(meta, static_cast<int>(blockIdx.x), static_cast<int>(threadIdx.x));
+}
+
+// A reducing functor returns its thread's partial sum; the block's total goes to its op-wide slot.
+template <int Depth, typename Functor>
+__global__ void __launch_bounds__(kBlockSize)
+    reduce_kernel(TensorListMetadata<Depth> meta, Functor f, double* partials) {
+  const auto partial = f(meta, static_cast<int>(blockIdx.x), static_cast<int>(threadIdx.x));
+  const auto total = block_sum<kBlockSize>(partial);
+  if (threadIdx.x == 0) {
+    partials[meta.first_block_id + blockIdx.x] = static_cast<double>(total);
+  }
+}
+
+template <int Depth, typename Functor>
+constexpr void check_kernel_args() {
+  static_assert(sizeof(TensorListMetadata<Depth>) <= kMetadataBytes, "metadata table exceeds its budget");
+  static_assert(sizeof(TensorListMetadata<Depth>) + sizeof(Functor) + sizeof(double*) <= kKernelArgBytes,
+                "kernel arguments exceed 4 KB");
+}
+
+// Runs f over every chunk of `tensors` on `stream`.
+template <int Depth, typename Functor>
+void multi_tensor_apply(const std::vector<TensorSlot<Depth>>& tensors, const Functor& f, cudaStream_t stream) {
+  check_kernel_args<Depth, Functor>();
+  for_each_launch<Depth>(tensors, 0, [&](const TensorListMetadata<Depth>& meta, int nblocks) {
+    apply_kernel<Depth, Functor><<<nblocks, kBlockSize, 0, stream>>>(meta, f);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// Runs the reducing functor f over every chunk of `tensors` on `stream`, writing one partial per chunk to
+// partials[first_block_id + k] (k enumerates the chunks in order); see for_each_launch for first_blocks.
+// Returns the number of chunks.
+template <int Depth, typename Functor>
+int64_t multi_tensor_reduce(const std::vector<TensorSlot<Depth>>& tensors, const Functor& f, double* partials,
+                            int64_t first_block_id, cudaStream_t stream, std::vector<int64_t>* first_blocks) {
+  check_kernel_args<Depth, Functor>();
+  return for_each_launch<Depth>(
+      tensors, first_block_id,
+      [&](const TensorListMetadata<Depth>& meta, int nblocks) {
+        reduce_kernel<Depth, Functor><<<nblocks, kBlockSize, 0, stream>>>(meta, f, partials);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      },
+      first_blocks);
+}
+
+}  // namespace amp_fused::cuda
