@@ -57,38 +57,47 @@ def _check_nonnegative(op: str, **values: float) -> None:
 
 
 def perturb_(params: Tensors, grads: Tensors, backups: Tensors, epsilon: float, inner_lr: float,
-             per_tensor: bool = True, first: bool = True, *, backend: str = "auto") -> torch.Tensor:
-    """One ascent of Algorithm 1 in place on ``params``; returns the fp32 norms of Δ."""
-    _check_lists("perturb_", params=params, grads=grads, backups=backups)
-    _check_nonnegative("perturb_", epsilon=epsilon, inner_lr=inner_lr)
+             per_tensor: bool = True, first: bool = True, *, backend: str = "auto",
+             validate: bool = True) -> torch.Tensor:
+    """One ascent of Algorithm 1 in place on ``params``; returns the fp32 norms of Δ.
+
+    ``validate=False`` skips the Python-side argument checks (for callers that built the lists themselves,
+    like the optimizer: the checks cost tens of microseconds a step)."""
+    if validate:
+        _check_lists("perturb_", params=params, grads=grads, backups=backups)
+        _check_nonnegative("perturb_", epsilon=epsilon, inner_lr=inner_lr)
     ops = _ops(backend, params)
     return ops.perturb_(params, grads, backups, float(epsilon), float(inner_lr), bool(per_tensor), bool(first))
 
 
-def restore_(params: Tensors, backups: Tensors, *, backend: str = "auto") -> None:
+def restore_(params: Tensors, backups: Tensors, *, backend: str = "auto", validate: bool = True) -> None:
     """Put θ back into ``params``."""
-    _check_lists("restore_", params=params, backups=backups)
+    if validate:
+        _check_lists("restore_", params=params, backups=backups)
     _ops(backend, params).restore_(params, backups)
 
 
 def restore_sgd_(params: Tensors, backups: Tensors, grads: Tensors, momentum_buffers: Tensors, lr: float,
                  momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
-                 maximize: bool = False, first_step: bool = False, *, backend: str = "auto") -> None:
+                 maximize: bool = False, first_step: bool = False, *, backend: str = "auto",
+                 validate: bool = True) -> None:
     """Put θ back and take one ``torch.optim.SGD`` step with ``grads`` in the same pass."""
-    if momentum != 0:
-        _check_lists("restore_sgd_", params=params, backups=backups, grads=grads,
-                     momentum_buffers=momentum_buffers)
-    else:
-        _check_lists("restore_sgd_", params=params, backups=backups, grads=grads)
-    _check_nonnegative("restore_sgd_", lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if validate:
+        if momentum != 0:
+            _check_lists("restore_sgd_", params=params, backups=backups, grads=grads,
+                         momentum_buffers=momentum_buffers)
+        else:
+            _check_lists("restore_sgd_", params=params, backups=backups, grads=grads)
+        _check_nonnegative("restore_sgd_", lr=lr, momentum=momentum, weight_decay=weight_decay)
     _ops(backend, params).restore_sgd_(
         params, backups, grads, momentum_buffers, float(lr), float(momentum), float(dampening),
         float(weight_decay), bool(nesterov), bool(maximize), bool(first_step))
 
 
-def perturbation(params: Tensors, backups: Tensors, *, backend: str = "auto") -> list:
+def perturbation(params: Tensors, backups: Tensors, *, backend: str = "auto", validate: bool = True) -> list:
     """The current Δ of perturbed ``params`` as new tensors (what "reuse" steps apply again)."""
-    _check_lists("perturbation", params=params, backups=backups)
+    if validate:
+        _check_lists("perturbation", params=params, backups=backups)
     ops = _ops(backend, params)
     if hasattr(ops, "perturbation"):
         return ops.perturbation(params, backups)

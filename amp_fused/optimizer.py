@@ -156,6 +156,7 @@ class AMP(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer(self._own_param_groups, lr=lr, **base_kwargs)
         self._ascents = 0  # ascent steps taken since θ was saved; > 0 means the parameters are perturbed
         self._plan = []  # (group, params, backups) per group and device while perturbed
+        self._plan_key, self._plan_cache = None, []  # the last plan built, and what it was built for
         self._keep_delta = False  # whether second_step stores Δ for the "reuse" steps that follow
         self._step_norms = []  # the norms of every ascent of the current step
         self.last_norms = None  # fp32 norms of Δ from the last ascent, for logging
@@ -209,20 +210,21 @@ class AMP(torch.optim.Optimizer):
             if kind == "reuse":
                 self._perturb(self._reused_delta_plan(), first=True, reuse=True)  # θ + Δ_last
                 result = _detached(self._forward_backward(closure, perturbed=True, ascent=False))  # ∇L(θ + Δ)
-                self.second_step(scaler=scaler)
+                self._second_step(scaler)
             else:
                 result = _detached(self._forward_backward(closure, perturbed=False, ascent=ascents > 0))  # ∇L(θ)
                 for i in range(ascents):
-                    self.first_step(zero_grad=True, scaler=scaler)  # θ + Δ
+                    self._first_step(scaler)  # θ + Δ
+                    self.zero_grad()
                     self._forward_backward(closure, perturbed=True, ascent=i < ascents - 1)  # ∇L(θ + Δ)
                 if self._ascents:
-                    self.second_step(scaler=scaler)  # θ, then the base step with the last g
+                    self._second_step(scaler)  # θ, then the base step with the last g
                 elif scaler is not None:
                     scaler.step(self.base_optimizer)
                 else:
                     self.base_optimizer.step()
         except BaseException:
-            self.restore()  # never leave the parameters perturbed
+            self._restore()  # never leave the parameters perturbed
             raise
         finally:
             self._keep_delta = False
@@ -255,12 +257,15 @@ class AMP(torch.optim.Optimizer):
         Call after a backward pass; call again after another backward for one more inner iteration. With a
         GradScaler-scaled backward, pass the ``scaler``: the ascent then uses ζ/scale (one host sync to read it).
         """
+        self._first_step(scaler)
+        if zero_grad:
+            self.zero_grad()
+
+    def _first_step(self, scaler):
         first = self._ascents == 0
         inv_scale = 1.0 / scaler.get_scale() if scaler is not None else 1.0
         self._perturb(self._make_plan(lambda p: p.grad is not None) if first else self._plan, first,
                       inv_scale=inv_scale)
-        if zero_grad:
-            self.zero_grad()
 
     @_eager_under_compile
     @torch.no_grad()
@@ -269,27 +274,34 @@ class AMP(torch.optim.Optimizer):
         when a GradScaler is passed; call ``scaler.update()`` afterwards as usual)."""
         if not self._ascents:
             raise RuntimeError("second_step() needs a preceding first_step(): the parameters are not perturbed")
+        self._second_step(scaler)
+        if zero_grad:
+            self.zero_grad()
+
+    def _second_step(self, scaler):
         if self._keep_delta:
             for _group, params, backups in self._plan:
-                for p, delta in zip(params, functional.perturbation(params, backups, backend=self.backend)):
+                deltas = functional.perturbation(params, backups, backend=self.backend, validate=False)
+                for p, delta in zip(params, deltas):
                     self.state[p]["reuse_delta"] = delta
         if scaler is not None:
             self._report_ascent_overflow()
-            self.restore()
+            self._restore()
             scaler.step(self.base_optimizer)
         elif not self._fused_sgd_step():
-            self.restore()
+            self._restore()
             self.base_optimizer.step()
         self._end_perturbation()
-        if zero_grad:
-            self.zero_grad()
 
     @_eager_under_compile
     @torch.no_grad()
     def restore(self):
         """Put θ back without stepping (a no-op when the parameters are not perturbed)."""
+        self._restore()
+
+    def _restore(self):
         for _group, params, backups in self._plan:
-            functional.restore_(params, backups, backend=self.backend)
+            functional.restore_(params, backups, backend=self.backend, validate=False)
         self._end_perturbation()
 
     @contextlib.contextmanager
@@ -335,7 +347,7 @@ class AMP(torch.optim.Optimizer):
         results = []
         for per_tensor, params, steps, backups, epsilon, inner_lr in self._perturb_calls(reuse):
             results.append(functional.perturb_(params, steps, backups, epsilon, inner_lr * inv_scale, per_tensor,
-                                               first, backend=self.backend))
+                                               first, backend=self.backend, validate=False))
         if len(results) > 1:
             per_tensor_norms = torch.cat([r[:-1].to(results[0].device) for r in results])
             results = [torch.cat([per_tensor_norms, torch.linalg.vector_norm(per_tensor_norms).reshape(1)])]
@@ -345,23 +357,18 @@ class AMP(torch.optim.Optimizer):
         self._ascents += 1
 
     def _make_plan(self, selected):
-        """The tensors this step perturbs (``selected(p)``), per group and device, with their θ buffers."""
-        plan = []
+        """The tensors this step perturbs (``selected(p)``), per group and device, with their θ buffers.
+
+        Cached: rebuilt only when the selection, or a selected tensor's shape or dtype, changes."""
+        selection = []
         for group in self.param_groups:
             _check_hyper("epsilon", group["epsilon"], " in a param group")
             _check_hyper("inner_lr", group["inner_lr"], " in a param group")
-            by_device = defaultdict(list)
-            for p in group["params"]:
-                if selected(p):
-                    by_device[p.device].append(p)
-            for params in by_device.values():
-                backups = []
-                for p in params:
-                    state = self.state[p]
-                    if "backup" not in state or state["backup"].shape != p.shape or state["backup"].dtype != p.dtype:
-                        state["backup"] = torch.empty_like(p)  # one parameter-sized buffer, reused every step
-                    backups.append(state["backup"])
-                plan.append((group, params, backups))
+            selection.append([p for p in group["params"] if selected(p)])
+        key = tuple((id(p), p.shape, p.dtype, p.device) for params in selection for p in params)
+        if key != self._plan_key:
+            self._plan_key, self._plan_cache = key, self._build_plan(selection)
+        plan = self._plan_cache
         if self.norm == "global" and plan:
             settings = {(g["epsilon"], g["inner_lr"]) for g, _, _ in plan}
             devices = {params[0].device for _, params, _ in plan}
@@ -370,6 +377,22 @@ class AMP(torch.optim.Optimizer):
                                  f"the same epsilon and inner_lr; got (epsilon, inner_lr) = {sorted(settings)}")
             if len(devices) > 1:
                 raise ValueError(f"norm='global' needs all parameters on one device, got {sorted(map(str, devices))}")
+        return plan
+
+    def _build_plan(self, selection):
+        plan = []
+        for group, selected in zip(self.param_groups, selection):
+            by_device = defaultdict(list)
+            for p in selected:
+                by_device[p.device].append(p)
+            for params in by_device.values():
+                backups = []
+                for p in params:
+                    state = self.state[p]
+                    if "backup" not in state or state["backup"].shape != p.shape or state["backup"].dtype != p.dtype:
+                        state["backup"] = torch.empty_like(p)  # one parameter-sized buffer, reused every step
+                    backups.append(state["backup"])
+                plan.append((group, params, backups))
         return plan
 
     def _reused_delta_plan(self):
@@ -412,20 +435,26 @@ class AMP(torch.optim.Optimizer):
             args = (group["lr"], momentum, group["dampening"], group["weight_decay"], group["nesterov"],
                     group["maximize"])
             if momentum == 0:
-                functional.restore_sgd_(params, backups, grads, [], *args, False, backend=self.backend)
+                functional.restore_sgd_(params, backups, grads, [], *args, False, backend=self.backend,
+                                        validate=False)
                 continue
             # SGD keeps its buffers as state[p]["momentum_buffer"]; a missing one is initialised to d_p.
-            fresh = [i for i, p in enumerate(params) if base.state[p].get("momentum_buffer") is None]
-            for p in (params[i] for i in fresh):
-                base.state[p]["momentum_buffer"] = torch.empty_like(p)
-            fresh_set = set(fresh)
-            for first_step in (True, False):
-                idx = [i for i in range(len(params)) if (i in fresh_set) == first_step]
-                if idx:
+            states = [base.state[p] for p in params]
+            fresh = [state.get("momentum_buffer") is None for state in states]
+            if any(fresh):
+                for p, state, is_fresh in zip(params, states, fresh):
+                    if is_fresh:
+                        state["momentum_buffer"] = torch.empty_like(p)
+            buffers = [state["momentum_buffer"] for state in states]
+            for first_step in (True, False) if any(fresh) else (False,):
+                idx = [i for i, is_fresh in enumerate(fresh) if is_fresh == first_step]
+                if len(idx) == len(params):
+                    functional.restore_sgd_(params, backups, grads, buffers, *args, first_step, backend=self.backend,
+                                            validate=False)
+                elif idx:
                     functional.restore_sgd_([params[i] for i in idx], [backups[i] for i in idx],
-                                            [grads[i] for i in idx],
-                                            [base.state[params[i]]["momentum_buffer"] for i in idx],
-                                            *args, first_step, backend=self.backend)
+                                            [grads[i] for i in idx], [buffers[i] for i in idx],
+                                            *args, first_step, backend=self.backend, validate=False)
         return True
 
     # -- state -----------------------------------------------------------------------------------------
@@ -446,6 +475,7 @@ class AMP(torch.optim.Optimizer):
                                "restore() first")
         state_dict = dict(state_dict)
         amp_state = state_dict.pop("amp", None)
+        self._plan_key, self._plan_cache = None, []  # the groups are new objects
         self.base_optimizer.load_state_dict(state_dict)
         for group in self.param_groups:  # a plain base-optimizer state dict lacks our keys
             group.setdefault("epsilon", self.defaults["epsilon"])
