@@ -175,3 +175,17 @@ def test_unknown_backend_names_the_choices():
 def test_auto_resolves_to_an_available_backend_for_cpu():
     chosen = backends.resolve("auto", "cpu")
     assert chosen.NAME in BACKENDS and chosen.NAME != "reference"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_writes_bump_autograd_version_counters(backend):
+    # a tensor saved for backward and then overwritten by an op must make backward fail, as built-in ops do
+    w = torch.randn(4, requires_grad=True)
+    y = (w * w).sum()
+    grads, backups = [torch.randn(4)], [torch.empty(4)]
+    before = w._version
+    with torch.no_grad():
+        functional.perturb_([w], grads, backups, 0.1, 1.0, backend=backend)
+    assert w._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
