@@ -1,0 +1,191 @@
+"""Property-based tests of every op on every CPU backend against the op's definition computed in float64.
+
+Random tensor counts (1-200), shapes (0-d, one element, empty, chunk boundaries), dtypes (mixed within a
+list too), per-tensor or global norm, first or later ascent, non-finite gradients and non-contiguous
+layouts. 500 examples per op in CI (the "ci" profile, the default here); `HYPOTHESIS_PROFILE=dev` for a
+quick run.
+"""
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from amp_fused import available_backends, functional
+
+settings.register_profile("ci", max_examples=500, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("dev", max_examples=50, deadline=None)
+settings.register_profile("debug", max_examples=50, deadline=None, phases=[Phase.generate], report_multiple_bugs=False,
+                          derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+BACKENDS = [b for b in available_backends("cpu")]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# relative tolerance per storage dtype: the kernels round once, the float64 definition not at all
+RTOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# sizes around the chunk/block boundaries of the fused backends (CPU: 64K elements; Triton: 4096)
+BOUNDARY_SIZES = [4095, 4096, 4097, 65535, 65536, 65537]
+MAX_TOTAL = 200_000
+
+
+@st.composite
+def tensor_specs(draw):
+    count = draw(st.one_of(st.integers(1, 12), st.integers(1, 200)))
+    specs, total = [], 0
+    for _ in range(count):
+        kind = draw(st.sampled_from(["small"] * 6 + ["scalar", "empty", "one", "boundary", "matrix", "matrix"]))
+        if kind == "scalar":
+            shape = ()
+        elif kind == "empty":
+            shape = (0,)
+        elif kind == "one":
+            shape = (1,)
+        elif kind == "boundary" and total + 65537 <= MAX_TOTAL:
+            shape = (draw(st.sampled_from(BOUNDARY_SIZES)),)
+        elif kind == "matrix":
+            shape = (draw(st.integers(1, 40)), draw(st.integers(1, 40)))
+        else:
+            shape = (draw(st.integers(1, 300)),)
+        total += math.prod(shape)
+        specs.append(shape)
+    mixed = draw(st.booleans())
+    dtypes = [draw(st.sampled_from(DTYPES)) for _ in specs] if mixed else [draw(st.sampled_from(DTYPES))] * len(specs)
+    layout = draw(st.sampled_from(["contiguous", "contiguous", "transposed"]))
+    return specs, dtypes, layout
+
+
+def build(specs, dtypes, layout, seed, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for shape, dtype in zip(specs, dtypes):
+        t = (scale * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
+        if layout == "transposed" and t.dim() == 2:
+            t = t.t().contiguous().t()  # same values, column-major strides: dense but not contiguous
+        out.append(t)
+    return out
+
+
+def run_or_reject(call, params):
+    """Run an op; a backend may refuse a layout, but then with a clear error and before writing anything."""
+    before = [p.clone() for p in params]
+    try:
+        return True, call()
+    except (RuntimeError, ValueError) as exc:
+        assert "contiguous" in str(exc) or "dense" in str(exc), exc
+        assert all(torch.equal(a, b) for a, b in zip(params, before))
+        return False, None
+
+
+def close(actual, expected, dtype, magnitude, what=""):
+    """|actual − expected| within the dtype's rounding of the operands (``magnitude``, elementwise): a result
+    that cancels (θ + sΔ ≈ 0) is only as exact as its inputs were large."""
+    error = (actual.double() - expected).abs()
+    subnormal_step = torch.finfo(dtype).tiny * torch.finfo(dtype).eps  # absolute resolution near 0
+    bound = RTOL[dtype] * (magnitude + expected.abs()) + 2 * subnormal_step
+    assert torch.isfinite(actual).all() and bool((error <= bound).all()), (what, (error - bound).max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(spec=tensor_specs(), per_tensor=st.booleans(), first=st.booleans(), poison=st.sampled_from([None, "nan", "inf"]),
+       epsilon=st.sampled_from([0.0, 1e-3, 0.5, 10.0]), inner_lr=st.sampled_from([0.0, 0.1, 1.0]))
+def test_perturb_matches_definition(backend, spec, per_tensor, first, poison, epsilon, inner_lr):
+    specs, dtypes, layout = spec
+    params, grads = build(specs, dtypes, layout, 1), build(specs, dtypes, layout, 2)
+    if poison and grads[0].numel():
+        grads[0][(0,) * grads[0].dim()] = float(poison)
+    backups = [torch.empty_like(p) for p in params]
+    theta = [p.to(torch.float64, copy=True) for p in params]  # .double() would alias fp64 tensors
+    previous = [torch.zeros_like(t) for t in theta]
+    if not first:  # start from a perturbed state: θ + Δ_old in params
+        offsets = build(specs, dtypes, layout, 3, scale=0.01)
+        shifted = [(p.double() + o.double()).to(p.dtype) for p, o in zip(params, offsets)]
+        previous = [s.double() - p.double() for s, p in zip(shifted, params)]
+        # the backups hold θ; the reference backend's hold Δ_old (it restores by subtraction, as the original)
+        backups = ([(s.double() - p.double()).to(p.dtype) for s, p in zip(shifted, params)] if backend == "reference"
+                   else [p.clone() for p in params])
+        params = shifted
+    ok, norms = run_or_reject(
+        lambda: functional.perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first, backend=backend),
+        params)
+    if not ok:
+        return
+    delta = [d + inner_lr * g.double() for d, g in zip(previous, grads)]
+    delta_norms = torch.stack([d.norm() for d in delta])
+    total = delta_norms.norm()
+    for i, (d, prev, g, dtype) in enumerate(zip(delta, previous, grads, dtypes)):
+        # Δ is formed in the storage dtype by some backends: the norm is as exact as Δ's parts were large
+        magnitude = (prev.abs() + inner_lr * g.double().abs()).norm()
+        if math.isfinite(delta_norms[i]):
+            reported = torch.float32 if dtype == torch.float64 else dtype  # norms are returned in fp32
+            close(norms[i], delta_norms[i], reported, 4 * magnitude, f"norms[{i}]")
+        else:
+            assert not math.isfinite(norms[i]), i
+    for i, (p, t, d, dtype) in enumerate(zip(params, theta, delta, dtypes)):
+        governing = delta_norms[i] if per_tensor else total
+        assert torch.isfinite(p).all()
+        if not math.isfinite(governing):  # dropped: θ, exactly (the reference subtracts Δ_old back: up to rounding)
+            if backend == "reference" and not first:
+                close(p, t, dtype, t.abs() + previous[i].abs())
+            else:
+                assert torch.equal(p.double(), t), i
+            continue
+        scale = min(1.0, epsilon / (governing.item() + 1e-12))
+        # the scale is as exact as the norm it comes from: fp32-accumulated unless every tensor it covers is fp64
+        covered = [dtype] if per_tensor else dtypes
+        scale_rtol = max(RTOL[torch.float64 if dt == torch.float64 else torch.float32] for dt in covered)
+        step = (scale * d).abs()
+        close(p, t + scale * d, dtype, t.abs() + previous[i].abs() + step + 4 * scale_rtol / RTOL[dtype] * step,
+              f"params[{i}] {dtype} {tuple(p.shape)}")
+    if first:
+        for b, t in zip(backups, theta):
+            assert torch.equal(b.double(), t) or backend == "reference"
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@given(spec=tensor_specs())
+def test_restore_is_bit_exact(backend, spec):
+    specs, dtypes, layout = spec
+    params, backups = build(specs, dtypes, layout, 1), build(specs, dtypes, layout, 2)
+    ok, _ = run_or_reject(lambda: functional.restore_(params, backups, backend=backend), params)
+    if ok:
+        assert all(torch.equal(p, b) for p, b in zip(params, backups))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(spec=tensor_specs(), momentum=st.sampled_from([0.0, 0.9]), nesterov=st.booleans(), maximize=st.booleans(),
+       weight_decay=st.sampled_from([0.0, 1e-2]), dampening=st.sampled_from([0.0, 0.1]), first_step=st.booleans())
+def test_restore_sgd_matches_definition(backend, spec, momentum, nesterov, maximize, weight_decay, dampening,
+                                        first_step):
+    specs, dtypes, layout = spec
+    nesterov = nesterov and momentum > 0 and dampening == 0
+    thetas, grads = build(specs, dtypes, layout, 1), build(specs, dtypes, layout, 2)
+    bufs = build(specs, dtypes, layout, 3)
+    offsets = build(specs, dtypes, layout, 4, scale=0.01)
+    params = [(t.double() + o.double()).to(t.dtype) for t, o in zip(thetas, offsets)]  # perturbed: θ + Δ
+    # the backups hold θ; the reference backend's hold Δ (it restores by subtraction, as the original)
+    backups = ([(p.double() - t.double()).to(t.dtype) for p, t in zip(params, thetas)] if backend == "reference"
+               else thetas)
+    old_bufs = [b.to(torch.float64, copy=True) for b in bufs]
+    lr = 0.05
+    ok, _ = run_or_reject(lambda: functional.restore_sgd_(
+        params, backups, grads, bufs if momentum else [], lr, momentum, dampening, weight_decay, nesterov, maximize,
+        first_step, backend=backend), params)
+    if not ok:
+        return
+    for p, t, g, buf, old, dtype in zip(params, thetas, grads, bufs, old_bufs, dtypes):
+        theta, d_p = t.to(torch.float64, copy=True), (-g.double() if maximize else g.double())
+        d_p = d_p + weight_decay * theta
+        # magnitudes of the terms each result is summed from: rounding is relative to them, not to a
+        # result that cancels
+        size = g.double().abs() + weight_decay * theta.abs()
+        if momentum:
+            new_buf = d_p if first_step else momentum * old + (1 - dampening) * d_p
+            buf_size = size if first_step else momentum * old.abs() + size
+            close(buf, new_buf, dtype, buf_size)
+            d_p = d_p + momentum * new_buf if nesterov else new_buf
+            size = size + momentum * buf_size if nesterov else buf_size
+        restored = theta.abs() + (0.01 * 8 if backend == "reference" else 0)  # subtract-back rounding of Δ
+        close(p, theta - lr * d_p, dtype, restored + lr * size)
