@@ -35,13 +35,11 @@ def _norms(tensors):
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
 
 
-def _zero_where_dropped(tensors, keep):
-    # foreach has no select, and 0·NaN is NaN. IEEE pow gives pow(x, 1) == x and pow(x, 0) == 1 for
-    # every x, NaN and Inf included, so pow(z, keep) − (1 − keep) is z for kept tensors and exactly
-    # 0 for dropped ones, with no host sync.
-    tensors = torch._foreach_pow(tensors, list(keep.unbind()))
-    torch._foreach_sub_(tensors, list((1.0 - keep).unbind()))
-    return tensors
+def _finite_where_kept(tensors, keep):
+    # foreach has no select, and 0·NaN is NaN. IEEE pow gives pow(x, 1) == x and pow(x, 0) == 1 for every
+    # x, NaN and Inf included: pow(z, keep) is z for kept tensors and all ones (finite) for dropped ones,
+    # whose coefficient is then 0. No host sync, at the price of one pass of pow.
+    return torch._foreach_pow(tensors, list(keep.unbind()))
 
 
 def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first):
@@ -52,18 +50,14 @@ def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first):
         # Δ = ζ·g, kept implicit: ‖Δ‖ = ζ‖g‖ and params ← θ + (scale·ζ)·g.
         norms = _norms(grads) * inner_lr
         scale, keep, all_norms = projection(norms, epsilon, per_tensor)
-        step = torch._foreach_mul(grads, list((scale * inner_lr).unbind()))
-        step = _zero_where_dropped(step, keep)
-        torch._foreach_add_(params, step)
+        torch._foreach_addcmul_(params, _finite_where_kept(grads, keep), list((scale * inner_lr).unbind()))
         return all_norms
     delta = torch._foreach_sub(params, backups)
     torch._foreach_add_(delta, grads, alpha=inner_lr)
     norms = _norms(delta)
     scale, keep, all_norms = projection(norms, epsilon, per_tensor)
-    torch._foreach_mul_(delta, list(scale.unbind()))
-    delta = _zero_where_dropped(delta, keep)
-    torch._foreach_add_(delta, backups)
-    torch._foreach_copy_(params, delta)
+    torch._foreach_copy_(params, backups)
+    torch._foreach_addcmul_(params, _finite_where_kept(delta, keep), list(scale.unbind()))
     return all_norms
 
 
