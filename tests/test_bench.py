@@ -1,0 +1,204 @@
+"""The ``python -m bench`` command line, run in-process on tiny configurations (no timing value is asserted)."""
+import contextlib
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # bench/ is a top-level package of the repository, not part of the installed one
+    sys.path.insert(0, str(ROOT))
+
+from amp_fused import backends  # noqa: E402
+from amp_fused.profiling import DispatchCounter  # noqa: E402
+from bench import cli  # noqa: E402
+
+AMP_BYTES, SGD_BYTES = 40, 20  # per fp32 parameter, as bench/optimizer_step.py's docstring derives them
+OPTIMIZER_KEYS = {"params": str, "tensors": int, "numel": int, "backend": str, "ms": float, "gbps": float,
+                  "floor_ms": float, "ops_per_step": int, "syncs_per_step": int}
+TRAIN_KEYS = {"model": str, "batch": int, "mode": str, "backend": str, "ms": float, "ratio_vs_erm": float}
+MACHINE_KEYS = ("cpu", "physical_cores", "torch_threads", "torch", "triton", "device", "date")
+
+
+def run_main(argv):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(argv) == 0
+    return out.getvalue()
+
+
+def check_png(path: Path):
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert height > 300 and width > 600
+
+
+def check_quartiles(row):
+    assert row["q1_ms"] <= row["ms"] <= row["q3_ms"]
+    assert row["iqr_ms"] == pytest.approx(row["q3_ms"] - row["q1_ms"])
+    assert row["samples"] >= 1
+
+
+def ops_of_one_step(name: str, count: int) -> tuple[int, int]:
+    """(ops, syncs) of perturb_ + restore_sgd_ with backend ``name`` on ``count`` tensors, counted here."""
+    ops = backends.resolve(name, "cpu")
+    p, g, b, m = ([torch.randn(50) for _ in range(count)] for _ in range(4))
+    with DispatchCounter() as counter:
+        ops.perturb_(p, g, b, 0.05, 1.0, True, True)
+        ops.restore_sgd_(p, b, g, m, 0.01, 0.9, 0.0, 5e-4, True, False, False)
+    return counter.ops, counter.syncs
+
+
+@pytest.fixture(scope="module")
+def optimizer_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("bench")
+    stdout = run_main(["--sections", "optimizer_step", "--sets", "many_small", "--rounds", "1",
+                       "--min-run-time", "0.01", "--json", str(out_dir / "o.json"), "--plot", str(out_dir / "o.png")])
+    return stdout, json.loads((out_dir / "o.json").read_text()), out_dir / "o.png"
+
+
+def test_optimizer_step_rows_are_consistent(optimizer_run):
+    _, result, _ = optimizer_run
+    assert set(result) >= {"machine", "config", "triad", "optimizer_step"} and "train_step" not in result
+    assert all(result["machine"][k] is not None for k in MACHINE_KEYS)
+    names = result["config"]["backends"]
+    assert names[0] == "reference" and "foreach" in names
+    rows = result["optimizer_step"]
+    assert [r["backend"] for r in rows] == names + ["sgd_fused"]
+    triad_bytes_per_s = result["triad"]["gbps"] * 1e9
+    assert result["triad"]["min_gbps"] <= result["triad"]["gbps"] <= result["triad"]["max_gbps"]
+    reference_ms = rows[0]["ms"]
+    for r in rows:
+        for key, kind in OPTIMIZER_KEYS.items():
+            assert isinstance(r[key], kind), (key, r[key])
+        assert r["params"] == "many_small" and r["tensors"] == 300
+        assert 300 * 2000 <= r["numel"] < 300 * 6000
+        step_bytes = (SGD_BYTES if r["backend"] == "sgd_fused" else AMP_BYTES) * r["numel"]
+        assert r["gbps"] * 1e9 == pytest.approx(step_bytes / (r["ms"] * 1e-3), rel=1e-9)
+        assert r["floor_ms"] * 1e-3 == pytest.approx(step_bytes / triad_bytes_per_s, rel=1e-9)
+        assert r["triad_fraction"] == pytest.approx(r["floor_ms"] / r["ms"], rel=1e-9)
+        assert r["speedup_vs_reference"] == pytest.approx(reference_ms / r["ms"], rel=1e-9)
+        check_quartiles(r)
+    assert rows[0]["speedup_vs_reference"] == 1.0
+
+
+def test_optimizer_step_counts_one_step(optimizer_run):
+    """The counts are of exactly one step: compared with counts taken here on lists of other lengths."""
+    _, result, _ = optimizer_run
+    rows = {r["backend"]: r for r in result["optimizer_step"]}
+    assert rows["reference"]["syncs_per_step"] == 300  # one .item() per tensor, as the original code
+    ops_7, ops_14 = ops_of_one_step("reference", 7)[0], ops_of_one_step("reference", 14)[0]
+    per_tensor = (ops_14 - ops_7) // 7
+    assert per_tensor > 1 and rows["reference"]["ops_per_step"] == ops_7 + per_tensor * (300 - 7)
+    for name in result["config"]["backends"]:
+        if name != "reference":  # fused and foreach backends: no sync, as many ops for 300 tensors as for 7
+            assert (rows[name]["ops_per_step"], rows[name]["syncs_per_step"]) == ops_of_one_step(name, 7)
+    assert rows["sgd_fused"]["syncs_per_step"] == 0 and rows["sgd_fused"]["ops_per_step"] < 10
+
+
+def test_optimizer_step_prints_machine_then_table_and_plots(optimizer_run):
+    stdout, result, png = optimizer_run
+    lines = stdout.splitlines()
+    assert lines[0].startswith("machine: ") and result["machine"]["cpu"] in lines[0]
+    header = next(i for i, line in enumerate(lines) if line.startswith("set "))
+    for column in ("tensors", "params", "backend", "ms", "GB/s", "of triad", "ops/step", "syncs/step", "vs reference"):
+        assert column in lines[header]
+    assert set(lines[header + 1]) == {"-"}
+    table = lines[header + 2:header + 2 + len(result["optimizer_step"])]
+    for line, row in zip(table, result["optimizer_step"]):
+        cells = line.split()
+        assert cells[0] == "many_small" and cells[3] == row["backend"]
+        assert cells[-2] == str(row["syncs_per_step"]) and cells[-3] == str(row["ops_per_step"])
+    assert "GB/s" in stdout and "triad bandwidth" in stdout
+    check_png(png)
+
+
+def test_train_step_rows(tmp_path):
+    stdout = run_main(["--sections", "train_step", "--models", "digits_cnn", "--backends", "reference,foreach",
+                       "--rounds", "1", "--min-run-time", "0.01", "--json", str(tmp_path / "t.json"),
+                       "--plot", str(tmp_path / "t.png")])
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert "optimizer_step" not in result and result["train_step_fastest_backend"] == "foreach"
+    rows = result["train_step"]
+    assert [(r["mode"], r["backend"]) for r in rows] == [
+        ("erm", "sgd_fused"), ("amp", "reference"), ("amp", "foreach"), ("amp-k4-erm", "foreach"),
+        ("amp-k4-reuse", "foreach")]
+    erm_ms = rows[0]["ms"]
+    for r in rows:
+        for key, kind in TRAIN_KEYS.items():
+            assert isinstance(r[key], kind), (key, r[key])
+        assert (r["model"], r["batch"], r["input"]) == ("digits_cnn", 64, [1, 8, 8])
+        assert r["ratio_vs_erm"] == pytest.approx(r["ms"] / erm_ms, rel=1e-9) and math.isfinite(r["ms"])
+        check_quartiles(r)
+    assert rows[0]["ratio_vs_erm"] == 1.0
+    assert "x ERM" in stdout and stdout.count("digits_cnn  ") == len(rows)
+    check_png(tmp_path / "t.png")
+
+
+def test_fastest_backend_is_measured_on_the_largest_set():
+    parser = cli.build_parser()
+    config = cli.resolve_config(parser.parse_args([]), parser)
+    config.backends = ["reference", "foreach", "cpu"]  # the choice reads only the names and the rows
+    rows = [{"params": "small", "numel": 10, "backend": "foreach", "ms": 1.0},
+            {"params": "small", "numel": 10, "backend": "cpu", "ms": 2.0},
+            {"params": "big", "numel": 1000, "backend": "reference", "ms": 1.0},
+            {"params": "big", "numel": 1000, "backend": "foreach", "ms": 9.0},
+            {"params": "big", "numel": 1000, "backend": "cpu", "ms": 5.0},
+            {"params": "big", "numel": 1000, "backend": "sgd_fused", "ms": 0.5}]
+    assert cli.pick_fastest(config, rows)[0] == "cpu"
+    config.backends = ["reference"]
+    assert cli.pick_fastest(config, rows)[0] == "reference"
+
+
+def test_quick_drops_the_big_sets_and_says_so():
+    parser = cli.build_parser()
+    config = cli.resolve_config(parser.parse_args(["--quick"]), parser)
+    assert config.sets == ["resnet18", "many_small"] and config.skipped_sets == ["resnet50", "vit_b_16"]
+    assert config.rounds == cli.QUICK_TIMING[0] < cli.FULL_TIMING[0]
+    full = cli.resolve_config(parser.parse_args([]), parser)
+    assert full.sets == ["resnet18", "resnet50", "vit_b_16", "many_small"] and full.skipped_sets == []
+    explicit = cli.resolve_config(parser.parse_args(["--quick", "--sets", "vit_b_16"]), parser)
+    assert explicit.sets == ["vit_b_16"] and explicit.skipped_sets == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--backends", "nope"], "argument --backends: 'nope' is unknown; allowed with --device cpu: reference, foreach"),
+    (["--backends", "reference,cuda"], "argument --backends: 'cuda' is not available ("),
+    (["--backends", "foreach,foreach"], "argument --backends: 'foreach,foreach' names something twice"),
+    (["--device", "cuda"], "argument --device: 'cuda' needs a CUDA device"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["--sections", "optimizer_step,plots"], "argument --sections: 'plots' is unknown; allowed: optimizer_step, "
+                                             "train_step"),
+    (["--sets", "resnet19"], "argument --sets: 'resnet19' is unknown; allowed: resnet18, resnet50, vit_b_16, "
+                             "many_small"),
+    (["--models", "vgg"], "argument --models: 'vgg' is unknown; allowed: resnet18_32, digits_cnn"),
+    (["--rounds", "0"], "argument --rounds: must be an int >= 1, got 0"),
+    (["--min-run-time", "0"], "argument --min-run-time: must be a number of seconds > 0, got 0.0"),
+    (["--threads", "0"], "argument --threads: must be an int >= 1, got 0"),
+])
+def test_bad_flags_exit_with_the_message(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the --device cuda case on any machine
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+
+
+def test_triton_on_cpu_is_not_benchmarked(monkeypatch, capsys):
+    """Under TRITON_INTERPRET=1 triton runs on CPU tensors, in its interpreter: never a default, never allowed."""
+    monkeypatch.setattr(backends, "available_backends",
+                        lambda device_type=None: ["reference", "foreach", "triton"])
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name: None)
+    assert cli.benchmark_backends("cpu") == ["reference", "foreach"]
+    parser = cli.build_parser()
+    with pytest.raises(SystemExit):
+        cli.resolve_config(parser.parse_args(["--backends", "triton"]), parser)
+    assert ("argument --backends: 'triton' is not available (on CPU tensors it runs in Triton's interpreter"
+            in capsys.readouterr().err)
