@@ -105,18 +105,8 @@ def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first):
         return torch.zeros(1)
     groups = [_reduction_groups(p, i) for i, p in enumerate(params)]
     local_params, local_grads, local_backups = _locals("perturb_", params, grads=grads, backups=backups)
-    if first:
-        torch._foreach_copy_(local_backups, local_params)
-        delta = torch._foreach_mul(local_grads, inner_lr)
-    else:
-        delta = torch._foreach_sub(local_params, local_backups)
-        torch._foreach_add_(delta, local_grads, alpha=inner_lr)
-    scale, keep, all_norms = foreach.projection(_full_norms(delta, groups), epsilon, per_tensor)
-    torch._foreach_mul_(delta, list(scale.unbind()))
-    delta = foreach._zero_where_dropped(delta, keep)
-    torch._foreach_add_(delta, local_backups)
-    torch._foreach_copy_(local_params, delta)
-    return all_norms
+    return foreach.perturb_(local_params, local_grads, local_backups, epsilon, inner_lr, per_tensor, first,
+                            norms_of=lambda tensors: _full_norms(tensors, groups))
 
 
 def restore_(params, backups):

@@ -42,19 +42,21 @@ def _finite_where_kept(tensors, keep):
     return torch._foreach_pow(tensors, list(keep.unbind()))
 
 
-def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first):
+def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first, *, norms_of=_norms):
+    """``norms_of(tensors)``: the vector of ‖t‖₂; :mod:`amp_fused.sharded` passes one that completes the norms
+    of local shards across ranks."""
     if not params:
         return torch.zeros(1)
     if first:
         torch._foreach_copy_(backups, params)
         # Δ = ζ·g, kept implicit: ‖Δ‖ = ζ‖g‖ and params ← θ + (scale·ζ)·g.
-        norms = _norms(grads) * inner_lr
+        norms = norms_of(grads) * inner_lr
         scale, keep, all_norms = projection(norms, epsilon, per_tensor)
         torch._foreach_addcmul_(params, _finite_where_kept(grads, keep), list((scale * inner_lr).unbind()))
         return all_norms
     delta = torch._foreach_sub(params, backups)
     torch._foreach_add_(delta, grads, alpha=inner_lr)
-    norms = _norms(delta)
+    norms = norms_of(delta)
     scale, keep, all_norms = projection(norms, epsilon, per_tensor)
     torch._foreach_copy_(params, backups)
     torch._foreach_addcmul_(params, _finite_where_kept(delta, keep), list(scale.unbind()))
