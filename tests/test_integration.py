@@ -92,11 +92,12 @@ def test_autocast_inside_the_closure(backend):
 # -- 2. GradScaler ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("norm", ["per_tensor", "global"])
-def test_grad_scaler_steps_like_unscaled_training(backend, norm):
+@pytest.mark.parametrize("epsilon", [0.05, 10.0])  # projection active / inactive (there ζ·g itself must be unscaled)
+def test_grad_scaler_steps_like_unscaled_training(backend, norm, epsilon):
     x, y = data()
     plain, scaled = mlp(), mlp()
-    opt_plain = AMP(plain.parameters(), lr=0.1, epsilon=0.05, momentum=0.9, norm=norm, backend=backend)
-    opt_scaled = AMP(scaled.parameters(), lr=0.1, epsilon=0.05, momentum=0.9, norm=norm, backend=backend)
+    opt_plain = AMP(plain.parameters(), lr=0.1, epsilon=epsilon, momentum=0.9, norm=norm, backend=backend)
+    opt_scaled = AMP(scaled.parameters(), lr=0.1, epsilon=epsilon, momentum=0.9, norm=norm, backend=backend)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=1000)
     for _ in range(3):
         opt_plain.step(loss_closure(plain, x, y))
@@ -154,8 +155,8 @@ def test_grad_scaler_updates_once_per_step():
 def test_grad_scaler_with_the_two_call_api():
     x, y = data()
     plain, scaled = mlp(), mlp()
-    opt_plain = AMP(plain.parameters(), lr=0.1, epsilon=0.05)
-    opt_scaled = AMP(scaled.parameters(), lr=0.1, epsilon=0.05)
+    opt_plain = AMP(plain.parameters(), lr=0.1, epsilon=10.0)  # unprojected: Δ = ζ·g must use the unscaled g
+    opt_scaled = AMP(scaled.parameters(), lr=0.1, epsilon=10.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
     opt_plain.step(loss_closure(plain, x, y))
     loss_closure(scaled, x, y, scaler)()
