@@ -136,6 +136,8 @@ def _build_ext_class(optional_cuda):
     from torch.utils.cpp_extension import BuildExtension
 
     class AmpBuildExt(BuildExtension):
+        failed = ()
+
         def build_extension(self, ext):
             if ext.name != "amp_fused._C_cuda" or not optional_cuda:
                 return super().build_extension(ext)
@@ -144,6 +146,12 @@ def _build_ext_class(optional_cuda):
             except Exception as exc:  # noqa: BLE001 - any toolchain failure
                 print(f"amp_fused: WARNING: the CUDA extension failed to build ({exc}); "
                       "installed with the CPU kernels only. Set AMP_FUSED_CUDA=1 to make this an error.")
+                self.failed = (*self.failed, ext.name)
+
+        def build_extensions(self):
+            super().build_extensions()
+            # what failed has no binary to copy or install
+            self.extensions = [ext for ext in self.extensions if ext.name not in self.failed]
 
     return AmpBuildExt.with_options(use_ninja=True)
 
