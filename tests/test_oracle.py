@@ -48,14 +48,7 @@ FAR_FACTOR = 50.0  # "far": at least this many tolerances apart
 NORMS = ("per_tensor", "global")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These models are small: threads buy little, and on a loaded machine OpenMP's spin-waiting makes a
-    # step many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- models ------------------------------------------------------------------------------------------------

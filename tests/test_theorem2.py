@@ -117,13 +117,7 @@ def assert_halving_ratios(errors, bounds, what):
         f"[{low}, {high}] (errors {[f'{e:.3e}' for e in errors]})")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The model is tiny: threads buy nothing, and on a loaded machine OpenMP's spin-waiting slows it ~10x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
