@@ -34,7 +34,7 @@ test-triton:
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/triton -q
 
 demo: build
-	$(PY) -m amp_fused.demo
+	$(PY) -m bench.demo
 
 bench: build
 	$(PY) -m bench

@@ -8,15 +8,17 @@ from .optimizer_step import (AMP_BYTES_MOVED_PER_PARAM, AMP_BYTES_PER_PARAM, SGD
 
 
 # -- tables ----------------------------------------------------------------------------------------------------
-def format_table(columns: list[tuple[str, str]], rows: list[list[str]]) -> str:
-    """``columns``: (header, "<" or ">") pairs; every cell is already a string."""
+def format_table(columns: list[tuple[str, str]], rows: list[list[str]], rule: bool = True) -> str:
+    """``columns``: (header, "<" or ">") pairs; every cell is already a string. Each column is as wide as its
+    widest cell, columns are two spaces apart, and ``rule`` draws a line of dashes under the header (the
+    benchmark's tables have one, the demo's do not)."""
     widths = [max([len(header)] + [len(row[i]) for row in rows]) for i, (header, _) in enumerate(columns)]
 
     def line(cells):
         return "  ".join(f"{cell:{align}{width}}" for cell, (_, align), width in zip(cells, columns, widths)).rstrip()
 
     header = line([h for h, _ in columns])
-    return "\n".join([header, "-" * len(header)] + [line(row) for row in rows])
+    return "\n".join([header] + (["-" * len(header)] if rule else []) + [line(row) for row in rows])
 
 
 def fmt_ms(ms: float) -> str:

@@ -47,14 +47,14 @@ def _resnet18_32() -> nn.Module:
 
 
 def _digits_cnn() -> nn.Module:
-    from amp_fused.demo import digits_cnn
+    from .demo import digits_cnn
 
     return digits_cnn()
 
 
 MODELS = {
     "resnet18_32": ModelSpec(_resnet18_32, (3, 32, 32), 10, 16, "torchvision resnet18, 10 classes, 32x32 RGB"),
-    "digits_cnn": ModelSpec(_digits_cnn, (1, 8, 8), 10, 64, "amp_fused.demo.digits_cnn, 8x8 grey"),
+    "digits_cnn": ModelSpec(_digits_cnn, (1, 8, 8), 10, 64, "bench.demo.digits_cnn, 8x8 grey"),
 }
 
 

@@ -1,14 +1,61 @@
-"""The demo (python -m amp_fused.demo): its whole entry point on tiny settings, the ECE and timing it
-reports, and its command-line errors."""
+"""The demo (python -m bench.demo): its whole entry point on tiny settings, the ECE and timing it reports, its
+command-line errors, and that it lives in bench/ beside the library, not in the installed package."""
+import importlib.util
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from amp_fused import demo
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # bench/ is a top-level package of the repository, not part of the installed one
+    sys.path.insert(0, str(ROOT))
+
+from bench import demo  # noqa: E402
+from bench.report import format_table  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# -- where the demo lives ---------------------------------------------------------------------------------------
+
+
+def test_the_installed_package_has_no_demo_and_ships_no_bench():
+    assert importlib.util.find_spec("amp_fused.demo") is None
+    assert Path(demo.__file__).resolve() == ROOT / "bench" / "demo.py"
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert isinstance(packages, list) and "amp_fused" in packages  # listed, not discovered
+    assert not [p for p in packages if p == "bench" or p.startswith("bench.")]
+
+
+def test_the_tables_are_bench_format_table_without_its_rule():
+    stat = {"mean": 0.0123, "std": 0.0045}
+    row = {key: stat for key in ("error", "nll", "ece", "time_per_step", "cpu_time_per_step", "time_ratio",
+                                 "cpu_time_ratio", "nll_change", "ece_change", "error_change")}
+    summary = {"erm": row, "amp-k4-reuse": row}
+    text = demo.table(summary, "test")
+    lines = text.splitlines()
+    assert lines[0].split("  ")[0] == "run" and lines[0].endswith("x ERM  CPU time x ERM")
+    assert not any(set(line) == {"-"} for line in lines)  # no rule under the header
+    assert [line.split()[0] for line in lines[1:]] == ["erm", "amp-k4-reuse"]
+    assert lines[1].startswith("erm          ") and lines[1].endswith("0.01 ± 0.00")  # run left, numbers right
+    assert len({len(line) for line in lines}) == 1
+    columns = [(h, "<" if i == 0 else ">") for i, h in enumerate(
+        ["run", "test error %", "test NLL", "ECE %", "ms/step", "x ERM", "CPU time x ERM"])]
+    cells = [[name, "1.23 ± 0.45", "0.012 ± 0.004", "1.23 ± 0.45", "12.300 ± 4.500", "0.01 ± 0.00",
+              "0.01 ± 0.00"] for name in summary]
+    assert text == format_table(columns, cells, rule=False)
+    ruled = format_table(columns, cells).splitlines()
+    assert ruled[1] == "-" * len(ruled[0]) and ruled[:1] + ruled[2:] == lines  # bench's own tables keep theirs
+    gains = demo.gain_table(summary, "test").splitlines()
+    assert len(gains) == 2 and gains[0].startswith("vs erm (paired by seed) ") and gains[0].endswith("Δ error %")
+    assert gains[1].startswith("amp-k4-reuse ") and gains[1].endswith("1.23 ± 0.45")  # no rule here either
 
 
 def predictions(confidences, predicted, classes=4):

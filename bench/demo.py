@@ -1,8 +1,8 @@
 """ERM vs exact AMP vs amortised AMP on small real data, on the CPU.
 
-    python -m amp_fused.demo                     # digits, 3 seeds: the table, a PNG and (with --json) all numbers
-    python -m amp_fused.demo --dataset spiral    # the paper's Figure 6: decision boundaries of ERM and AMP
-    python -m amp_fused.demo --tune              # choose epsilon and zeta on a validation split of the training set
+    python -m bench.demo                         # digits, 3 seeds: the table, a PNG and (with --json) all numbers
+    python -m bench.demo --dataset spiral        # the paper's Figure 6: decision boundaries of ERM and AMP
+    python -m bench.demo --tune                  # choose epsilon and zeta on a validation split of the training set
 
 digits: scikit-learn's bundled 8x8 scans (1,797 images, no download), a stratified 15% training split (so plain
 ERM overfits) normalised with training statistics only, and a small CNN. spiral: the two-class spiral of the
@@ -27,7 +27,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import backends
+from amp_fused import AMP, backends
+
+from .report import format_table
 
 # -- the runs ------------------------------------------------------------------------------------------------
 
@@ -249,8 +251,6 @@ class Run:
     """One model and its optimizer for one seed; ``train_epoch`` times every optimizer step."""
 
     def __init__(self, spec: RunSpec, settings: Settings, seed: int, steps_per_epoch: int):
-        from . import AMP
-
         self.spec = spec
         torch.manual_seed(seed)  # the same initial weights for every run of this seed
         self.model = MODELS[settings.dataset]()
@@ -419,24 +419,18 @@ def fmt(stat, scale=1.0, digits=2):
     return text if stat["std"] is None else f"{text} ± {scale * stat['std']:.{digits}f}"
 
 
-def render(header, rows) -> str:
-    """Columns as wide as their widest cell; the first left-aligned, the others right-aligned."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    return "\n".join("  ".join(f"{cell:<{w}}" if i == 0 else f"{cell:>{w}}" for i, (cell, w) in
-                                enumerate(zip(line, widths))) for line in [header, *rows])
-
-
 def table(summary, eval_name: str) -> str:
     has_ratio = all("time_ratio" in row for row in summary.values())
-    header = ["run", f"{eval_name} error %", f"{eval_name} NLL", "ECE %", "ms/step"]
-    header += ["x ERM", "CPU time x ERM"] if has_ratio else []
+    columns = [("run", "<"), (f"{eval_name} error %", ">"), (f"{eval_name} NLL", ">"), ("ECE %", ">"),
+               ("ms/step", ">")]
+    columns += [("x ERM", ">"), ("CPU time x ERM", ">")] if has_ratio else []
     rows = []
     for name, row in summary.items():
         rows.append([name, fmt(row["error"], 100), fmt(row["nll"], 1, 3), fmt(row["ece"], 100),
                      fmt(row["time_per_step"], 1e3, 3)])
         if has_ratio:
             rows[-1] += [fmt(row["time_ratio"]), fmt(row["cpu_time_ratio"])]
-    return render(header, rows)
+    return format_table(columns, rows, rule=False)
 
 
 def kept_share(change, full) -> str:
@@ -452,8 +446,8 @@ def gain_table(summary, eval_name: str) -> str:
     if "erm" not in summary or len(summary) < 2:
         return ""
     amp = summary.get("amp")
-    header = ["vs erm (paired by seed)", f"Δ {eval_name} NLL", "Δ ECE %", "Δ error %"]
-    header += ["NLL gain kept", "ECE gain kept"] if amp else []
+    columns = [("vs erm (paired by seed)", "<"), (f"Δ {eval_name} NLL", ">"), ("Δ ECE %", ">"), ("Δ error %", ">")]
+    columns += [("NLL gain kept", ">"), ("ECE gain kept", ">")] if amp else []
     rows = []
     for name, row in summary.items():
         if name == "erm":
@@ -462,7 +456,7 @@ def gain_table(summary, eval_name: str) -> str:
         if amp:
             cells += [kept_share(row[key], amp[key]) for key in ("nll_change", "ece_change")]
         rows.append(cells)
-    return render(header, rows)
+    return format_table(columns, rows, rule=False)
 
 
 # -- plots ---------------------------------------------------------------------------------------------------
@@ -587,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
         return "default " + ", ".join(f"{name} {getattr(p, attr)}{unit}" for name, p in PRESETS.items())
 
     parser = argparse.ArgumentParser(
-        prog="python -m amp_fused.demo", description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[2],
+        prog="python -m bench.demo", description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[2],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     parser.add_argument("--dataset", choices=tuple(PRESETS), default="digits",
                         help="digits (8x8 scans, small CNN) or spiral (two-class spiral of the paper's Fig. 6, MLP)")
