@@ -5,8 +5,9 @@ Compiled, they run on CUDA tensors; under Triton's interpreter (``TRITON_INTERPR
 imported) they run on CPU tensors.
 
 Storage dtypes are fp32, fp16, bf16 and fp64; arithmetic runs in ``COMPUTE`` (fp32, fp64 for fp64).
-Norms are reduced in ``ACC`` (fp32, fp64 when the list holds an fp64 tensor), in a fixed order and
-without atomics, so they are bitwise reproducible.
+Norms are reduced in ``ACC``, which the host passes as fp64 for every dtype (``ops.ACC_DTYPE``): each Δ is
+squared in fp64 and the partial sums are fp64, so finite fp32/fp16/bf16 inputs never overflow the norm. The
+reduction runs in a fixed order and without atomics, so the norms are bitwise reproducible.
 
 A program whose chunk lies wholly inside its tensor runs without masks (only a tensor's last chunk
 is ragged); with ``ALIGNED`` (every address in the launch is 16-byte aligned, checked on the host)
@@ -15,7 +16,10 @@ those unmasked accesses compile to 16-byte vector loads and stores.
 import triton
 import triton.language as tl
 
+from amp_fused.backends import NORM_EPS
+
 _INF = tl.constexpr(float("inf"))
+_NORM_EPS = tl.constexpr(NORM_EPS)
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -108,8 +112,8 @@ def _sqrt(x, ACC: tl.constexpr):
 
 @triton.jit
 def _projection_scale(norm, epsilon, ACC: tl.constexpr):
-    """min(1, ε / (‖Δ‖ + 1e-12)), and 0 when ‖Δ‖ is not finite (NaN or Inf)."""
-    denominator = norm + 1e-12
+    """min(1, ε / (‖Δ‖ + NORM_EPS)), and 0 when ‖Δ‖ is not finite (NaN or Inf)."""
+    denominator = norm + _NORM_EPS
     if ACC == tl.float64:
         ratio = epsilon / denominator
     else:

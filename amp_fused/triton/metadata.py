@@ -66,8 +66,6 @@ class Layout:
     num_programs: int
     max_chunks: int  # chunks of the largest tensor: the trip count of the per-tensor reduction
     groups: tuple  # of DtypeGroup, in order of first appearance in the list
-    # fp64 when any tensor is fp64 (norms and scales are then reduced and computed in fp64), else fp32.
-    acc_dtype: torch.dtype
     # int64 device tensors (views of one buffer, so a build costs one host-to-device copy)
     numels: torch.Tensor  # [num_tensors]
     first_prog: torch.Tensor  # [num_tensors]
@@ -118,7 +116,6 @@ def build_layout(spec: Spec, device: torch.device, list_name: str = "params") ->
     return Layout(
         device=device, num_tensors=n, num_programs=num_programs,
         max_chunks=int(n_chunks.max()) if n else 0, groups=tuple(groups),
-        acc_dtype=torch.float64 if torch.float64 in group_dtypes else torch.float32,
         numels=numels_d, first_prog=first_prog_d, n_chunks=n_chunks_d,
         prog_tensor=prog_tensor_d, prog_offset=prog_offset_d)
 

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .metadata import CACHE, CHUNK, Layout, spec_of
+from .metadata import CACHE, CHUNK, spec_of
 
 # Read once, like Triton's own switch: whether CPU tensors may run (under Triton's interpreter).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -110,35 +110,26 @@ def _triton_types(dtype: torch.dtype):
     return storage, compute, word
 
 
-def _acc_type(layout: Layout):
+# The norm reduction's type, whatever the tensors' dtypes: per-element squares, the per-program partial sums,
+# the per-tensor and global sums and the scales are fp64, so a finite fp32 Δ (|Δ|² ≤ ~1.2e77) never overflows
+# the norm. (Δ itself is formed in the compute type, fp32 for fp32/fp16/bf16 tensors.)
+ACC_DTYPE = torch.float64
+
+
+def _acc_type():
     import triton.language as tl
 
-    return tl.float64 if layout.acc_dtype == torch.float64 else tl.float32
-
-
-def _describe(entry) -> str:
-    dtype, shape, stride = entry
-    return f"dtype {dtype}, shape {tuple(shape)}, stride {stride}"
+    return tl.float64
 
 
 def _prepare(**lists: Sequence[torch.Tensor]):
-    """The layout of ``params``, a pointer table per list (each list checked against ``params``), and
-    whether every address is 16-byte aligned."""
+    """The layout of ``params``, a pointer table per list, and whether every address is 16-byte aligned. The
+    lists were checked against each other by the op layer (:mod:`amp_fused.checks`), so the layout of
+    ``params`` addresses every list."""
     params = lists["params"]
     device = params[0].device
-    spec = spec_of(params)
-    layout = CACHE.layout(spec, device)
-    tables = []
-    for name, tensors in lists.items():
-        if name != "params":
-            if len(tensors) != len(params):
-                raise ValueError(f"triton backend: {name} has {len(tensors)} tensors, params has {len(params)}")
-            other = spec_of(tensors)
-            if other != spec:
-                i = next(i for i, (a, b) in enumerate(zip(spec, other)) if a != b)
-                raise ValueError(f"triton backend: {name}[{i}] has {_describe(other[i])} but params[{i}] has "
-                                 f"{_describe(spec[i])}; they must match")
-        tables.append(CACHE.pointer_table(tensors, device, name))
+    layout = CACHE.layout(spec_of(params), device)
+    tables = [CACHE.pointer_table(tensors, device, name) for name, tensors in lists.items()]
     return layout, [t.table for t in tables], all(t.aligned for t in tables)
 
 
@@ -154,9 +145,9 @@ def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first):
     device = params[0].device
     k = _kernels_for(device)
     layout, (param_table, grad_table, backup_table), aligned = _prepare(params=params, grads=grads, backups=backups)
-    acc = _acc_type(layout)
-    partials = torch.empty(layout.num_programs, dtype=layout.acc_dtype, device=device)
-    scales = torch.empty(layout.num_tensors, dtype=layout.acc_dtype, device=device)
+    acc = _acc_type()
+    partials = torch.empty(layout.num_programs, dtype=ACC_DTYPE, device=device)
+    scales = torch.empty(layout.num_tensors, dtype=ACC_DTYPE, device=device)
     norms = torch.empty(layout.num_tensors + 1, dtype=torch.float32, device=device)
     tensor_args = (param_table, grad_table, backup_table, layout.numels, layout.prog_tensor, layout.prog_offset)
     with _device_guard(device):

@@ -5,7 +5,12 @@
 // The last, partial block of a chunk goes through the same vector code on zero-padded registers, so every
 // element of a tensor is computed by the same instructions. Reductions (the norms) are summed in the compute
 // type within a chunk (float for fp32/fp16/bf16, double for fp64), then per tensor and over all tensors in
-// double, always in chunk order: bitwise reproducible for any thread count.
+// double, always in chunk order: bitwise reproducible for any thread count. A chunk whose float sum comes out
+// non-finite is summed again with every Δ squared in double, so finite fp32/fp16/bf16 inputs never overflow
+// the norm (see chunk_sum_squares_wide).
+//
+// Every op first checks the argument contract (csrc/checks.h, the same as amp_fused/checks.py), then that the
+// tensors are on the CPU, before anything is written.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -21,6 +26,7 @@
 #include <vector>
 
 #include "amp_math.h"
+#include "checks.h"
 #include "cpu/multi_tensor.h"
 
 namespace amp_fused::cpu {
@@ -158,6 +164,32 @@ at::opmath_type<scalar_t> chunk_sum_squares(const at::Tensor& param, const at::T
   return sum;
 }
 
+// Σ Δ² over one chunk, each Δ² and the sum in double: what perturb_ uses for a chunk whose compute-type sum
+// (chunk_sum_squares) is not finite. Δ is formed in the compute type exactly as the apply pass forms it; a
+// finite fp32 Δ squares to at most ~1.2e77, so finite fp32/fp16/bf16 inputs never overflow the norm here.
+// (A Δ that is itself beyond fp32's range, |ζ·g| > 3.4e38, stays infinite, so that tensor's Δ is dropped
+// rather than applied as Inf; if the sum stays non-finite otherwise, the input held a NaN or Inf.)
+// Only reached on overflow or NaN/Inf, so a plain scalar loop.
+template <typename scalar_t>
+double chunk_sum_squares_wide(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& backup,
+                              const Chunk& c, double inner_lr, bool first) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t lr = static_cast<opmath_t>(inner_lr);
+  const scalar_t* g = data_of<scalar_t>(grad) + c.begin;
+  const scalar_t* p = data_of<scalar_t>(param) + c.begin;
+  const scalar_t* b = data_of<scalar_t>(backup) + c.begin;
+  double sum = 0.0;
+  for (int64_t i = 0; i < c.size; ++i) {
+    const opmath_t g_i = static_cast<opmath_t>(g[i]);
+    const opmath_t delta = first ? ascent_delta(opmath_t(0), opmath_t(0), g_i, lr, true)
+                                 : ascent_delta(static_cast<opmath_t>(p[i]), static_cast<opmath_t>(b[i]), g_i, lr,
+                                                false);
+    const double d = static_cast<double>(delta);
+    sum += d * d;
+  }
+  return sum;
+}
+
 // params ← θ + scale·Δ over one chunk; the first ascent also saves θ into backups, reading params once.
 template <typename scalar_t>
 void chunk_perturb(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& backup, const Chunk& c,
@@ -230,20 +262,35 @@ void chunk_restore_sgd(const at::Tensor& param, const at::Tensor& backup, const 
 // ---------------------------------------------------------------------------------------------------------
 // The ops.
 
+// After the contract, which puts every tensor on params[0]'s device: these kernels need that to be the CPU.
+void check_on_cpu(const char* op, at::TensorList params) {
+  TORCH_CHECK_VALUE(params.empty() || params[0].device().is_cpu(), "amp_fused.", op, ": params[0] is on ",
+                    params[0].device(), ", but these are the CPU kernels: every tensor must be on the CPU");
+}
+
 at::Tensor perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups, double epsilon,
                        double inner_lr, bool per_tensor, bool first) {
-  TORCH_CHECK(epsilon >= 0, "amp_fused::perturb_: epsilon must be a number >= 0, got ", epsilon);
-  check_lists("perturb_", {{"params", params, true}, {"grads", grads, false}, {"backups", backups, true}});
+  checks::check_perturb(params, grads, backups, epsilon, inner_lr);
+  check_on_cpu("perturb_", params);
   const auto n = static_cast<int64_t>(params.size());
   const std::vector<Chunk> chunks = plan_chunks(params);
 
-  // Pass 1: Σ Δ² per chunk.
+  // Pass 1: Σ Δ² per chunk; a float sum that overflowed (or met a NaN/Inf) is summed again in double.
+  // fp64 tensors are summed in double from the start; their ‖Δ‖ can still overflow above ~1.3e154.
   std::vector<double> chunk_sums(chunks.size());
   for_each_chunk(chunks, params, [&](int64_t k) {
     const Chunk& c = chunks[k];
     AMP_FUSED_DISPATCH(params[c.tensor].scalar_type(), "amp_fused::perturb_", [&] {
-      chunk_sums[k] = static_cast<double>(
-          chunk_sum_squares<scalar_t>(params[c.tensor], grads[c.tensor], backups[c.tensor], c, inner_lr, first));
+      const at::Tensor& p = params[c.tensor];
+      const at::Tensor& g = grads[c.tensor];
+      const at::Tensor& b = backups[c.tensor];
+      double sum = static_cast<double>(chunk_sum_squares<scalar_t>(p, g, b, c, inner_lr, first));
+      if constexpr (!std::is_same_v<at::opmath_type<scalar_t>, double>) {
+        if (!std::isfinite(sum)) {
+          sum = chunk_sum_squares_wide<scalar_t>(p, g, b, c, inner_lr, first);
+        }
+      }
+      chunk_sums[k] = sum;
     });
   });
 
@@ -282,7 +329,8 @@ at::Tensor perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
 }
 
 void restore_cpu(at::TensorList params, at::TensorList backups) {
-  check_lists("restore_", {{"params", params, true}, {"backups", backups, false}});
+  checks::check_restore(params, backups);
+  check_on_cpu("restore_", params);
   const std::vector<Chunk> chunks = plan_chunks(params);
   // A byte copy: bit-exact for every dtype, NaN payloads included.
   for_each_chunk(chunks, params, [&](int64_t k) {
@@ -298,14 +346,8 @@ void restore_sgd_cpu(at::TensorList params, at::TensorList backups, at::TensorLi
                      double weight_decay, bool nesterov, bool maximize, bool first_step) {
   // With momentum == 0, SGD keeps no buffers: momentum_buffers is not used (it may be empty).
   const bool use_buffers = momentum != 0;
-  if (use_buffers) {
-    check_lists("restore_sgd_", {{"params", params, true},
-                                 {"backups", backups, false},
-                                 {"grads", grads, false},
-                                 {"momentum_buffers", momentum_buffers, true}});
-  } else {
-    check_lists("restore_sgd_", {{"params", params, true}, {"backups", backups, false}, {"grads", grads, false}});
-  }
+  checks::check_restore_sgd(params, backups, grads, momentum_buffers, lr, momentum, dampening, weight_decay);
+  check_on_cpu("restore_sgd_", params);
   const SgdArgs<double> args{lr, momentum, dampening, weight_decay, nesterov, maximize, first_step};
   const std::vector<Chunk> chunks = plan_chunks(params);
   for_each_chunk(chunks, params, [&](int64_t k) {
@@ -320,6 +362,21 @@ void restore_sgd_cpu(at::TensorList params, at::TensorList backups, at::TensorLi
 }  // namespace
 
 TORCH_LIBRARY_IMPL(amp_fused, CPU, m) {
+  m.impl("perturb_", &perturb_cpu);
+  m.impl("restore_", &restore_cpu);
+  m.impl("restore_sgd_", &restore_sgd_cpu);
+}
+
+// A sparse tensor anywhere in a call dispatches it to a sparse key. The same kernels run there so that the
+// call fails with the contract's TypeError (checked before anything is read or written) rather than with the
+// dispatcher's "could not run with arguments from the 'SparseCPU' backend".
+TORCH_LIBRARY_IMPL(amp_fused, SparseCPU, m) {
+  m.impl("perturb_", &perturb_cpu);
+  m.impl("restore_", &restore_cpu);
+  m.impl("restore_sgd_", &restore_sgd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(amp_fused, SparseCsrCPU, m) {
   m.impl("perturb_", &perturb_cpu);
   m.impl("restore_", &restore_cpu);
   m.impl("restore_sgd_", &restore_sgd_cpu);

@@ -1,5 +1,5 @@
-// Multi-tensor plumbing of the CPU kernels: argument checks, the chunk plan over a list of tensors, and the
-// parallel loop over chunks.
+// Multi-tensor plumbing of the CPU kernels: the chunk plan over a list of tensors and the parallel loop over
+// chunks. (The argument checks are in csrc/checks.h, shared with the CUDA kernels.)
 //
 // Every list is cut into chunks of at most kChunkSize elements (a chunk never spans two tensors) and the
 // chunks run on at::parallel_for threads. The plan depends only on the tensor sizes, never on the thread
@@ -13,7 +13,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <initializer_list>
 #include <vector>
 
 namespace amp_fused::cpu {
@@ -37,24 +36,6 @@ std::vector<Chunk> plan_chunks(at::TensorList tensors);
 // starting the thread team would cost more than the work.
 template <typename Fn>
 void for_each_chunk(const std::vector<Chunk>& chunks, at::TensorList tensors, const Fn& fn);
-
-struct NamedList {
-  const char* name;
-  at::TensorList tensors;
-  bool written;  // the op writes this list's tensors
-};
-
-// Checks an op's tensor lists before anything is written (TORCH_CHECK, messages name the op, the argument
-// and the index): equal lengths; CPU, strided, a supported dtype (float32, float64, float16, bfloat16) and
-// a dense layout for the first list's tensors; at each index the other lists' tensors have the first one's
-// shape, dtype, device and memory layout, and no written tensor shares memory with another one at its index.
-//
-// Non-contiguous tensors: the kernels run over each tensor's memory as one flat array, which is right for
-// any tensor whose elements fill a dense block (contiguous, channels_last, any permutation of dims), as long
-// as all tensors at one index lay out their elements in the same order. Tensors that skip memory (slices
-// with a step, expanded views) are rejected with an error rather than copied, since an in-place op on a
-// copy would silently update nothing.
-void check_lists(const char* op, std::initializer_list<NamedList> lists);
 
 // ---------------------------------------------------------------------------------------------------------
 

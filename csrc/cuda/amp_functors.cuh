@@ -13,7 +13,10 @@
 namespace amp_fused::cuda {
 
 // Pass 1 of perturb_: this thread's share of ‖Δ‖² over the chunk (the kernel sums the block and stores one
-// partial per chunk). Lists: first ascent {grads}; later ascents {params, backups, grads}.
+// partial per chunk). Lists: first ascent {grads}; later ascents {params, backups, grads}. Δ is formed in
+// opmath, as the apply pass forms it; each Δ² and the sums are double, so a finite fp32 Δ (Δ² ≤ ~1.2e77)
+// never overflows the norm (an fp32 sum overflows once |Δ| reaches ~1.8e19). fp64 tensors: a ‖Δ‖ above
+// ~1.3e154 still overflows.
 template <typename scalar_t, bool First>
 struct SumSquaresFunctor {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -21,7 +24,7 @@ struct SumSquaresFunctor {
 
   opmath_t inner_lr;
 
-  AMP_FUSED_HD opmath_t operator()(const TensorListMetadata<kDepth>& meta, int block, int thread) const {
+  AMP_FUSED_HD double operator()(const TensorListMetadata<kDepth>& meta, int block, int thread) const {
     const ChunkRef c = locate_chunk(meta, block);
     const scalar_t* grad = chunk_data<scalar_t>(meta, kDepth - 1, c);
     const scalar_t* param = nullptr;
@@ -33,14 +36,15 @@ struct SumSquaresFunctor {
       vector_ok = vector_ok && pack_aligned(param) && pack_aligned(backup);
     }
     // One accumulator per group position: kILP independent add chains, combined in a fixed order.
-    opmath_t acc[kILP] = {};
+    double acc[kILP] = {};
     for (int i = thread * kILP; i < c.size; i += kBlockSize * kILP) {
       scalar_t g[kILP];
       load_group(g, grad, i, c.size, vector_ok);
       if constexpr (First) {
         AMP_FUSED_UNROLL
         for (int j = 0; j < kILP; ++j) {
-          const opmath_t delta = ascent_delta(opmath_t(0), opmath_t(0), static_cast<opmath_t>(g[j]), inner_lr, true);
+          const double delta = static_cast<double>(
+              ascent_delta(opmath_t(0), opmath_t(0), static_cast<opmath_t>(g[j]), inner_lr, true));
           acc[j] += delta * delta;  // zero past the chunk's end: Δ of zeros is zero
         }
       } else {
@@ -50,8 +54,8 @@ struct SumSquaresFunctor {
         load_group(b, backup, i, c.size, vector_ok);
         AMP_FUSED_UNROLL
         for (int j = 0; j < kILP; ++j) {
-          const opmath_t delta = ascent_delta(static_cast<opmath_t>(p[j]), static_cast<opmath_t>(b[j]),
-                                              static_cast<opmath_t>(g[j]), inner_lr, false);
+          const double delta = static_cast<double>(ascent_delta(
+              static_cast<opmath_t>(p[j]), static_cast<opmath_t>(b[j]), static_cast<opmath_t>(g[j]), inner_lr, false));
           acc[j] += delta * delta;
         }
       }

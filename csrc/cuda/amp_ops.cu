@@ -6,10 +6,12 @@
 // launches). All tensors are on one CUDA device. Non-contiguous tensors are accepted when they are dense
 // (no gaps, no overlap, e.g. channels_last) and laid out alike at their index, since the kernels walk memory
 // linearly; other layouts (strided slices, expanded tensors) are rejected with an error: call .contiguous().
-// Every check runs before anything is written.
+// Every check (the argument contract of csrc/checks.h, the same as amp_fused/checks.py, then the CUDA device)
+// runs before anything is written.
 //
 // perturb_ takes four steps on the current stream, with no host sync:
-//   1. chunk pass: one partial ‖Δ‖² per chunk (accumulated in opmath) into an fp64 buffer;
+//   1. chunk pass: one partial ‖Δ‖² per chunk into an fp64 buffer (Δ formed in opmath, each Δ² and every
+//      sum in fp64, so finite fp32/fp16/bf16 inputs never overflow the norm);
 //   2. one block per tensor adds its chunk partials in order (fp64);
 //   3. one block adds the per-tensor sums in order for the global norm, writes the fp32 norms and each
 //      tensor's scale from amp_fused::projection_scale;
@@ -25,12 +27,11 @@
 
 #include <array>
 #include <cmath>
-#include <initializer_list>
-#include <string>
 #include <vector>
 
 #include "amp_functors.cuh"
 #include "amp_math.h"
+#include "checks.h"
 #include "multi_tensor_apply.cuh"
 
 namespace amp_fused::cuda {
@@ -89,80 +90,12 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 }
 
 // ---- argument checks ---------------------------------------------------------------------------------
+// The contract itself is csrc/checks.h (shared with the CPU kernels); then what only these kernels need.
 
-struct NamedList {
-  const char* name;
-  at::TensorList tensors;
-};
-
-std::string dtype_name(at::ScalarType type) {
-  return "torch." + std::string(c10::getDtypeNames(type).first);
-}
-
-bool is_supported(at::ScalarType type) {
-  return type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16;
-}
-
-// Equal sizes assumed. Strides of size-1 dimensions never move the address, so they may differ.
-bool same_element_order(const at::Tensor& a, const at::Tensor& b) {
-  for (int64_t d = 0; d < a.dim(); ++d) {
-    if (a.size(d) != 1 && a.stride(d) != b.stride(d)) {
-      return false;
-    }
-  }
-  return true;
-}
-
-void check_hyper(const char* op, const char* name, double value, bool nonnegative = true) {
-  TORCH_CHECK(std::isfinite(value) && (!nonnegative || value >= 0.0), op, ": ", name, " must be a finite number",
-              nonnegative ? " >= 0" : "", ", got ", value);
-}
-
-// Lengths, then per index: defined, on params[0]'s CUDA device, a supported dtype, dense; every other list
-// matching params in dtype, shape and layout.
-void check_lists(const char* op, const NamedList& params, std::initializer_list<NamedList> others) {
-  const size_t n = params.tensors.size();
-  for (const NamedList& other : others) {
-    TORCH_CHECK(other.tensors.size() == n, op, ": ", other.name, " has ", other.tensors.size(), " tensors but ",
-                params.name, " has ", n, "; the lists must have the same length");
-  }
-  if (n == 0) {
-    return;
-  }
-  TORCH_CHECK(params.tensors[0].defined(), op, ": ", params.name, "[0] is an undefined tensor");
-  const at::Device device = params.tensors[0].device();
-  TORCH_CHECK(device.is_cuda(), op, ": the CUDA kernel got ", params.name, "[0] on ", device,
-              "; all tensors must be on one CUDA device");
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params.tensors[i];
-    TORCH_CHECK(p.defined(), op, ": ", params.name, "[", i, "] is an undefined tensor");
-    TORCH_CHECK(p.device() == device, op, ": ", params.name, "[", i, "] is on ", p.device(), " but ", params.name,
-                "[0] is on ", device, "; all tensors must be on one CUDA device");
-    TORCH_CHECK(p.layout() == at::kStrided, op, ": ", params.name, "[", i, "] has layout ", p.layout(),
-                "; only strided (dense) tensors are supported");
-    TORCH_CHECK(is_supported(p.scalar_type()), op, ": ", params.name, "[", i, "] has dtype ",
-                dtype_name(p.scalar_type()), "; supported dtypes are torch.float32, torch.float64, torch.float16 "
-                "and torch.bfloat16");
-    TORCH_CHECK(p.numel() == 0 || p.is_non_overlapping_and_dense(), op, ": ", params.name, "[", i,
-                "] with sizes ", p.sizes(), " and strides ", p.strides(), " is not dense; non-contiguous tensors "
-                "are supported only without gaps or overlap (e.g. channels_last): call .contiguous()");
-    for (const NamedList& other : others) {
-      const at::Tensor& t = other.tensors[i];
-      TORCH_CHECK(t.defined(), op, ": ", other.name, "[", i, "] is an undefined tensor");
-      TORCH_CHECK(t.device() == device, op, ": ", other.name, "[", i, "] is on ", t.device(), " but ",
-                  params.name, "[0] is on ", device, "; all tensors must be on one CUDA device");
-      TORCH_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", other.name, "[", i, "] has dtype ",
-                  dtype_name(t.scalar_type()), " but ", params.name, "[", i, "] has ",
-                  dtype_name(p.scalar_type()), "; they must match");
-      TORCH_CHECK(t.layout() == at::kStrided, op, ": ", other.name, "[", i, "] has layout ", t.layout(),
-                  "; only strided (dense) tensors are supported");
-      TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", other.name, "[", i, "] has shape ", t.sizes(), " but ",
-                  params.name, "[", i, "] has shape ", p.sizes(), "; they must match");
-      TORCH_CHECK(p.numel() == 0 || same_element_order(t, p), op, ": ", other.name, "[", i, "] has strides ",
-                  t.strides(), " but ", params.name, "[", i, "] has strides ", p.strides(),
-                  "; tensors at one index must share their memory layout");
-    }
-  }
+// After the contract, which puts every tensor on params[0]'s device: these kernels need a CUDA device.
+void check_on_cuda(const char* op, at::TensorList params) {
+  TORCH_CHECK_VALUE(params.empty() || params[0].device().is_cuda(), "amp_fused.", op, ": params[0] is on ",
+                    params[0].device(), ", but these are the CUDA kernels: every tensor must be on one CUDA device");
 }
 
 // ---- launch plumbing ---------------------------------------------------------------------------------
@@ -237,10 +170,10 @@ void launch_sum_partials(at::TensorList params, const std::vector<int64_t>& firs
 at::Tensor perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList backups, double epsilon,
                         double inner_lr, bool per_tensor, bool first) {
   constexpr const char* op = "amp_fused::perturb_";
-  check_hyper(op, "epsilon", epsilon);
-  check_hyper(op, "inner_lr", inner_lr);
-  check_lists(op, {"params", params}, {{"grads", grads}, {"backups", backups}});
-  TORCH_CHECK(params.size() < static_cast<size_t>(INT32_MAX), op, ": too many tensors (", params.size(), ")");
+  checks::check_perturb(params, grads, backups, epsilon, inner_lr);
+  check_on_cuda("perturb_", params);
+  TORCH_CHECK_VALUE(params.size() < static_cast<size_t>(INT32_MAX), "amp_fused.perturb_: too many tensors (",
+                    params.size(), ")");
   const int64_t n = static_cast<int64_t>(params.size());
   if (n == 0) {
     return at::zeros({1}, at::kFloat);  // as the foreach backend; unreachable through the CUDA dispatch key
@@ -306,8 +239,8 @@ at::Tensor perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorL
 }
 
 void restore_cuda(at::TensorList params, at::TensorList backups) {
-  constexpr const char* op = "amp_fused::restore_";
-  check_lists(op, {"params", params}, {{"backups", backups}});
+  checks::check_restore(params, backups);
+  check_on_cuda("restore_", params);
   if (params.empty()) {
     return;
   }
@@ -325,21 +258,12 @@ void restore_cuda(at::TensorList params, at::TensorList backups) {
 void restore_sgd_cuda(at::TensorList params, at::TensorList backups, at::TensorList grads,
                       at::TensorList momentum_buffers, double lr, double momentum, double dampening,
                       double weight_decay, bool nesterov, bool maximize, bool first_step) {
-  constexpr const char* op = "amp_fused::restore_sgd_";
-  check_hyper(op, "lr", lr);
-  check_hyper(op, "momentum", momentum);
-  check_hyper(op, "dampening", dampening, /*nonnegative=*/false);
-  check_hyper(op, "weight_decay", weight_decay);
-  TORCH_CHECK(!nesterov || (momentum > 0.0 && dampening == 0.0), op,
-              ": nesterov needs momentum > 0 and dampening == 0 (as torch.optim.SGD), got momentum=", momentum,
-              ", dampening=", dampening);
+  checks::check_restore_sgd(params, backups, grads, momentum_buffers, lr, momentum, dampening, weight_decay);
+  check_on_cuda("restore_sgd_", params);
+  TORCH_CHECK_VALUE(!nesterov || (momentum > 0.0 && dampening == 0.0),
+                    "amp_fused.restore_sgd_: nesterov needs momentum > 0 and dampening == 0 (as torch.optim.SGD), "
+                    "got momentum=", checks::number_text(momentum), ", dampening=", checks::number_text(dampening));
   const bool use_momentum = momentum != 0.0;
-  if (use_momentum) {
-    check_lists(op, {"params", params},
-                {{"backups", backups}, {"grads", grads}, {"momentum_buffers", momentum_buffers}});
-  } else {
-    check_lists(op, {"params", params}, {{"backups", backups}, {"grads", grads}});
-  }
   if (params.empty()) {
     return;
   }
@@ -369,6 +293,20 @@ void restore_sgd_cuda(at::TensorList params, at::TensorList backups, at::TensorL
 }  // namespace amp_fused::cuda
 
 TORCH_LIBRARY_IMPL(amp_fused, CUDA, m) {
+  m.impl("perturb_", TORCH_FN(amp_fused::cuda::perturb_cuda));
+  m.impl("restore_", TORCH_FN(amp_fused::cuda::restore_cuda));
+  m.impl("restore_sgd_", TORCH_FN(amp_fused::cuda::restore_sgd_cuda));
+}
+
+// A sparse CUDA tensor anywhere in a call dispatches it to a sparse key: the same kernels run there so that the
+// call fails with the contract's TypeError (checked before anything is read or written), as on the CPU.
+TORCH_LIBRARY_IMPL(amp_fused, SparseCUDA, m) {
+  m.impl("perturb_", TORCH_FN(amp_fused::cuda::perturb_cuda));
+  m.impl("restore_", TORCH_FN(amp_fused::cuda::restore_cuda));
+  m.impl("restore_sgd_", TORCH_FN(amp_fused::cuda::restore_sgd_cuda));
+}
+
+TORCH_LIBRARY_IMPL(amp_fused, SparseCsrCUDA, m) {
   m.impl("perturb_", TORCH_FN(amp_fused::cuda::perturb_cuda));
   m.impl("restore_", TORCH_FN(amp_fused::cuda::restore_cuda));
   m.impl("restore_sgd_", TORCH_FN(amp_fused::cuda::restore_sgd_cuda));

@@ -5,12 +5,22 @@
 #include <pybind11/pybind11.h>
 
 #include <cuda_runtime_api.h>
+#include <torch/version.h>
 
 #include "config.h"
+
+namespace {
+// The build tag (see csrc/amp_fused.cpp): read by amp_fused/_build.py from the file before loading it.
+#if defined(__GNUC__)
+__attribute__((used))
+#endif
+const char kBuildTag[] = "amp_fused-build-tag:torch=" TORCH_VERSION ";";
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "amp_fused CUDA kernels for torch.ops.amp_fused.perturb_, restore_ and restore_sgd_";
   // Elements per CUDA block: tests place tensor sizes at chunk boundaries with it.
   m.attr("CHUNK_SIZE") = amp_fused::cuda::kChunkSize;
   m.attr("CUDART_VERSION") = CUDART_VERSION;
+  m.attr("BUILD_TAG") = kBuildTag;
 }
