@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from . import NORM_EPS
+
 NAME = "foreach"
 DEVICE_TYPES = ("cpu", "cuda")
-
-_TINY = 1e-12
+NATIVE_CHECKS = False
 
 
 def unavailable_reason():
@@ -16,7 +17,7 @@ def unavailable_reason():
 
 
 def projection(norms: torch.Tensor, epsilon: float, per_tensor: bool):
-    """Per-tensor scale min(1, ε/(‖Δ‖+1e-12)), 0 where the governing norm is not finite.
+    """Per-tensor scale min(1, ε/(‖Δ‖+NORM_EPS)), 0 where the governing norm is not finite.
 
     Returns ``(scale, keep, all_norms)``: vectors of length n (keep is 1.0 where the tensor may move,
     0.0 where its norm, or for global the total norm, is not finite) and the fp32 n norms followed by
@@ -25,14 +26,13 @@ def projection(norms: torch.Tensor, epsilon: float, per_tensor: bool):
     total = torch.linalg.vector_norm(norms)
     governing = norms if per_tensor else total.expand_as(norms)
     keep = torch.isfinite(governing)
-    scale = torch.where(keep, (epsilon / (governing + _TINY)).clamp(max=1.0), 0.0)
+    scale = torch.where(keep, (epsilon / (governing + NORM_EPS)).clamp(max=1.0), 0.0)
     return scale, keep.to(norms.dtype), torch.cat([norms, total.reshape(1)]).float()
 
 
 def _norms(tensors):
-    # fp32 accumulation (fp64 when any tensor is fp64: _foreach_norm refuses to narrow)
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
+    # float64 for every dtype, so that squaring a finite Δ never overflows
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))
 
 
 def _finite_where_kept(tensors, keep):
@@ -43,7 +43,7 @@ def _finite_where_kept(tensors, keep):
 
 
 def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first, *, norms_of=_norms):
-    """``norms_of(tensors)``: the vector of ‖t‖₂; :mod:`amp_fused.sharded` passes one that completes the norms
+    """``norms_of(tensors)``: the vector of ‖t‖₂; :mod:`amp_fused.backends.sharded` passes one that completes the norms
     of local shards across ranks."""
     if not params:
         return torch.zeros(1)
@@ -84,3 +84,7 @@ def restore_sgd_(params, backups, grads, momentum_buffers, lr, momentum, dampeni
             torch._foreach_add_(momentum_buffers, d_p, alpha=1 - dampening)
         d_p = torch._foreach_add(d_p, momentum_buffers, alpha=momentum) if nesterov else momentum_buffers
     torch._foreach_add_(params, d_p, alpha=-lr)
+
+
+def perturbation(params, backups):
+    return list(torch._foreach_sub(params, backups)) if params else []  # backups hold θ

@@ -12,10 +12,11 @@ import math
 
 import torch
 
+from . import NORM_EPS
+
 NAME = "reference"
 DEVICE_TYPES = ("cpu", "cuda")
-
-_TINY = 1e-12
+NATIVE_CHECKS = False
 
 
 def unavailable_reason():
@@ -23,14 +24,14 @@ def unavailable_reason():
 
 
 def _clip_coef(epsilon, norm):
-    return epsilon / (norm + _TINY)
+    return epsilon / (norm + NORM_EPS)
 
 
 def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first):
     old_devs = [torch.zeros_like(d) if first else d.clone() for d in backups]
     devs = [old + inner_lr * g for old, g in zip(old_devs, grads)]
-    # fp32 accumulation for the half types, the tensor's own precision otherwise
-    norms = [(dev if dev.dtype in (torch.float32, torch.float64) else dev.float()).norm().double() for dev in devs]
+    # each tensor's norm in float64, so that squaring a finite Δ never overflows
+    norms = [torch.linalg.vector_norm(dev, dtype=torch.float64) for dev in devs]
     total = torch.stack(norms).norm() if norms else torch.zeros((), dtype=torch.float64)
     if per_tensor:
         for i, dev in enumerate(devs):

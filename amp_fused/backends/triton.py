@@ -11,6 +11,7 @@ from amp_fused.triton import ops
 
 NAME = "triton"
 DEVICE_TYPES = ("cuda", "cpu") if ops.INTERPRET else ("cuda",)
+NATIVE_CHECKS = False
 
 
 def unavailable_reason():
@@ -26,3 +27,7 @@ def unavailable_reason():
 perturb_ = ops.perturb_
 restore_ = ops.restore_
 restore_sgd_ = ops.restore_sgd_
+
+
+def perturbation(params, backups):
+    return list(torch._foreach_sub(params, backups)) if params else []  # backups hold θ

@@ -1,0 +1,154 @@
+"""What a step perturbs: the tensors of each param group on each device, their θ buffers, and the backend
+that runs them, built and checked once and reused while nothing about the parameters changes.
+
+Checked at build time (:mod:`amp_fused.checks`): the parameters' dtypes and layouts and that no two of them
+share memory. Complex parameters are held as their real views, which the ops take. The θ buffers follow their
+parameter's dtype, layout and device, so ``model.double()`` or ``model.to(memory_format=...)`` between steps
+only rebuilds the plan. Per step the gradients are gathered (:func:`gradients`): each in its parameter's
+layout, checked against it unless the backend checks every call itself.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from . import checks, functional, options
+from .backends import sharded
+
+
+@dataclass(eq=False, repr=False)
+class Part:
+    """One param group on one device."""
+
+    group: dict
+    params: list  # the parameters, as the user holds them
+    views: list  # what the ops take: the parameters, complex ones as real views
+    backups: list  # θ buffers, one per view
+    backend: object  # resolved for this device
+
+    def __len__(self):
+        return len(self.params)
+
+    def __repr__(self):
+        return f"<Part: {len(self)} tensors on {self.params[0].device if self.params else '-'}, {self.backend.NAME}>"
+
+
+@dataclass(eq=False)
+class Plan:
+    parts: list = field(default_factory=list)
+    key: tuple = field(default=(), repr=False)
+
+    def __len__(self):
+        return sum(len(part) for part in self.parts)
+
+
+def key_of(selection) -> tuple:
+    """Everything a plan is built from: a plan with this key is valid for ``selection``."""
+    return tuple((id(p), p.dtype, p.shape, p.stride(), p.device, p.data_ptr()) for params in selection for p in params)
+
+
+def fits(tensor: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether ``tensor`` has ``reference``'s dtype, device, shape and layout."""
+    return (tensor.dtype == reference.dtype and tensor.device == reference.device
+            and tensor.shape == reference.shape and tensor.stride() == reference.stride())
+
+
+def like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with ``reference``'s dtype, device and layout: itself when it has them, else a copy."""
+    return tensor if fits(tensor, reference) else torch.empty_like(reference).copy_(tensor)
+
+
+def build(groups, selection, backend_name: str, buffers: dict) -> Plan:
+    """The plan for ``selection[i]`` (the parameters of ``groups[i]`` to perturb). ``buffers`` maps a parameter
+    to its θ buffer from earlier plans, reused when it still fits and replaced in place when not."""
+    plan = Plan(key=key_of(selection))
+    by_device = defaultdict(list)
+    for group, selected in zip(groups, selection):
+        params_by_device = defaultdict(list)
+        for p in selected:
+            params_by_device[p.device].append(p)
+        for device, params in params_by_device.items():
+            views = functional.real_views(params)
+            backups = []
+            for p, view in zip(params, views):
+                buffer = buffers.get(p)
+                if buffer is None or not fits(buffer, view):
+                    buffer = buffers[p] = torch.empty_like(view)
+                backups.append(buffer)
+            part = Part(group, params, views, backups, functional.resolve(backend_name, views))
+            plan.parts.append(part)
+            by_device[device].append(part)
+    for parts in by_device.values():  # one check over all groups: no parameter may share memory with another
+        views, backups = ([t for part in parts for t in getattr(part, name)] for name in ("views", "backups"))
+        checks.check_lists("perturb_", [("params", sharded.local_tensors(views), True),
+                                        ("backups", sharded.local_tensors(backups), True)])
+    return plan
+
+
+def current(state, groups, selected) -> Plan:
+    """The plan for the tensors of ``groups`` a step perturbs (``selected(p)``), from ``state`` (the optimizer's
+    AmpState, which caches it): rebuilt only when they change. Checks each group's epsilon and inner_lr."""
+    selection = []
+    for group in groups:
+        for key in ("epsilon", "inner_lr"):
+            options.hyper(key, group[key], " in a param group")
+        selection.append([p for p in group["params"] if selected(p)])
+    if state.plan is None or state.plan.key != key_of(selection):
+        state.plan = build(groups, selection, state.backend, state.backups)
+    if state.norm == "global":
+        check_one_ball(state.plan)
+    return state.plan
+
+
+def gradients(part: Part) -> list:
+    """The gradients of ``part`` as the ops take them: real views for complex parameters, each in its
+    parameter's layout (a copy when autograd or the user left it in another one), zeros where missing."""
+    grads = []
+    for p, view in zip(part.params, part.views):
+        g = p.grad
+        if g is None:
+            g = torch.zeros_like(view)
+        elif g.layout == torch.strided:  # anything else is rejected by the contract check
+            if g.is_complex():
+                g = torch.view_as_real(g)
+            if g.stride() != view.stride() and g.shape == view.shape:
+                g = like(g, view)
+        grads.append(g)
+    if not part.backend.NATIVE_CHECKS:
+        checks.check_lists("perturb_", [("params", part.views, True), ("grads", grads, False)], overlap=False)
+    return grads
+
+
+def check_one_ball(plan: Plan) -> None:
+    """``norm="global"`` projects one Δ: every part must share epsilon and inner_lr and sit on one device."""
+    settings = {(part.group["epsilon"], part.group["inner_lr"]) for part in plan.parts}
+    devices = {part.params[0].device for part in plan.parts}
+    if len(settings) > 1:
+        raise ValueError("norm='global' projects one Δ over all parameters, so every param group must use "
+                         f"the same epsilon and inner_lr; got (epsilon, inner_lr) = {sorted(settings)}")
+    if len(devices) > 1:
+        raise ValueError(f"norm='global' needs all parameters on one device, got {sorted(map(str, devices))}")
+
+
+def perturb_calls(plan: Plan, norm: str, steps_of) -> list:
+    """The perturb_ calls of one ascent over ``plan``: one per part, or (``norm="global"``) one over all.
+    ``steps_of(part)`` gives the part's ascent steps and their coefficient (gradients and ζ, or a stored Δ
+    and 1). Each call: (parts, params, steps, backups, epsilon, inner_lr, per_tensor)."""
+    calls = []
+    for part in plan.parts:
+        steps, inner_lr = steps_of(part)
+        calls.append(([part], part.views, steps, part.backups, part.group["epsilon"], inner_lr, True))
+    if norm == "global" and calls:
+        parts, params, steps, backups = ([x for call in calls for x in call[k]] for k in range(4))
+        calls = [(parts, params, steps, backups, calls[0][4], calls[0][5], False)]
+    return calls
+
+
+def combined_norms(results: list):
+    """One norms vector from the perturb_ calls' results: every tensor's norm, then the norm over all."""
+    if len(results) <= 1:
+        return results[0] if results else None
+    per_tensor = torch.cat([r[:-1].to(results[0].device) for r in results])
+    return torch.cat([per_tensor, torch.linalg.vector_norm(per_tensor).reshape(1)])
