@@ -1,15 +1,17 @@
 """An independent implementation of one AMP step (Algorithm 1 of Zheng, Zhang & Mao, CVPR 2021).
 
 It is written only with ``torch.func.functional_call`` and ``torch.autograd.grad`` on dicts of tensors,
-imports nothing from amp_fused and nothing from torch.optim, and keeps Δ explicitly, so the optimizer's
-tests compare against a computation that shares none of its code paths.
+imports nothing from torch.optim and nothing from amp_fused but the constant NORM_EPS (through
+:mod:`op_definition`, whose projection scale it uses: the op table's definition, written independently of
+the backends), and keeps Δ explicitly, so the optimizer's tests compare against a computation that shares
+none of its code paths.
 
 One step, for parameters θ, a batch and N = ``inner_iter``::
 
     g = ∇L(θ);  Δ = 0
     N times:  Δ ← Δ + ζ·g
-              scale = min(1, ε / (‖Δ‖₂ + 1e-12))   per tensor ("per_tensor") or over all tensors ("global")
-              Δ ← scale·Δ                           (a norm that is not finite gives scale 0)
+              scale = min(1, ε / (‖Δ‖₂ + NORM_EPS))   per tensor ("per_tensor") or over all tensors ("global")
+              Δ ← scale·Δ                               (a norm that is not finite gives scale 0)
               g = ∇L(θ + Δ)
     θ ← base update of θ with the last g
 
@@ -33,8 +35,9 @@ import torch
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
+from op_definition import projection_scale
+
 NORMS = ("per_tensor", "global")
-NORM_EPS = 1e-12  # added to ‖Δ‖ before dividing, as the original AMP code does
 
 Tensors = dict[str, torch.Tensor]
 
@@ -164,9 +167,9 @@ def amp_step(module: torch.nn.Module, params: Mapping[str, torch.Tensor], consta
         total_norm = math.sqrt(sum(v * v for v in tensor_norms.values()))
         ascent_norms.append((tensor_norms, total_norm))
         if norm == "per_tensor":
-            scales = {n: _projection_scale(epsilons[n], tensor_norms[n]) for n in perturbed_names}
+            scales = {n: projection_scale(epsilons[n], tensor_norms[n]) for n in perturbed_names}
         else:
-            shared = _projection_scale(float(epsilon), total_norm)
+            shared = projection_scale(float(epsilon), total_norm)
             scales = {n: shared for n in perturbed_names}
         # A zero scale drops Δ outright: 0·NaN would still be NaN.
         delta = {n: scales[n] * delta[n] if scales[n] != 0 else torch.zeros_like(delta[n]) for n in perturbed_names}
@@ -182,9 +185,3 @@ def amp_step(module: torch.nn.Module, params: Mapping[str, torch.Tensor], consta
 
 def _or_zero(grad, like):
     return torch.zeros_like(like) if grad is None else grad
-
-
-def _projection_scale(epsilon: float, norm: float) -> float:
-    if not math.isfinite(norm):
-        return 0.0
-    return min(1.0, epsilon / (norm + NORM_EPS))

@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 from amp_fused import AMP, available_backends, functional
+from op_definition import projection_scale
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -78,7 +79,7 @@ def project(deltas, norm, shards=1):
     pieces = [d.chunk(shards) for d in deltas]
 
     def scale(norm_):
-        return torch.clamp(EPSILON / (norm_ + 1e-12), max=1.0)
+        return projection_scale(EPSILON, norm_)
 
     if norm == "per_tensor":
         return [torch.cat([p * scale(p.norm()) for p in ps]) for ps in pieces]

@@ -1,4 +1,5 @@
-"""Property-based tests of every op on every CPU backend against the op's definition computed in float64.
+"""Property-based tests of every op on every CPU backend against the op's definition computed in float64
+(tests/op_definition.py).
 
 Random tensor counts (1-200), shapes (0-d, one element, empty, chunk boundaries), dtypes (mixed within a
 list too), per-tensor or global norm, first or later ascent, non-finite gradients and non-contiguous
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from amp_fused import available_backends, functional
+from op_definition import perturb, restore_sgd
 
 settings.register_profile("ci", max_examples=500, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -107,14 +109,13 @@ def test_perturb_matches_definition(backend, spec, per_tensor, first, poison, ep
         backups = ([(s.double() - p.double()).to(p.dtype) for s, p in zip(shifted, params)] if backend == "reference"
                    else [p.clone() for p in params])
         params = shifted
+    definition = perturb(params, grads, theta, epsilon, inner_lr, per_tensor, first)  # before params change
     ok, norms = run_or_reject(
         lambda: functional.perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first, backend=backend),
         params)
     if not ok:
         return
-    delta = [d + inner_lr * g.double() for d, g in zip(previous, grads)]
-    delta_norms = torch.stack([d.norm() for d in delta])
-    total = delta_norms.norm()
+    delta, delta_norms = definition.delta, definition.norms
     for i, (d, prev, g, dtype) in enumerate(zip(delta, previous, grads, dtypes)):
         # Δ is formed in the storage dtype by some backends: the norm is as exact as Δ's parts were large
         magnitude = (prev.abs() + inner_lr * g.double().abs()).norm()
@@ -124,7 +125,7 @@ def test_perturb_matches_definition(backend, spec, per_tensor, first, poison, ep
         else:
             assert not math.isfinite(norms[i]), i
     for i, (p, t, d, dtype) in enumerate(zip(params, theta, delta, dtypes)):
-        governing = delta_norms[i] if per_tensor else total
+        governing = delta_norms[i] if per_tensor else delta_norms[-1]
         assert torch.isfinite(p).all()
         if not math.isfinite(governing):  # dropped: θ, exactly (the reference subtracts Δ_old back: up to rounding)
             if backend == "reference" and not first:
@@ -132,7 +133,7 @@ def test_perturb_matches_definition(backend, spec, per_tensor, first, poison, ep
             else:
                 assert torch.equal(p.double(), t), i
             continue
-        scale = min(1.0, epsilon / (governing.item() + 1e-12))
+        scale = definition.scales[i]
         # the scale is as exact as the norm it comes from: the fused backends form Δ in fp32 (fp64 for fp64) and
         # accumulate in fp32 unless every tensor it covers is fp64; reference and foreach form Δ in each
         # tensor's own dtype
@@ -175,22 +176,21 @@ def test_restore_sgd_matches_definition(backend, spec, momentum, nesterov, maxim
                else thetas)
     old_bufs = [b.to(torch.float64, copy=True) for b in bufs]
     lr = 0.05
+    expected = restore_sgd(thetas, grads, old_bufs, lr, momentum, dampening, weight_decay, nesterov, maximize,
+                           first_step)
     ok, _ = run_or_reject(lambda: functional.restore_sgd_(
         params, backups, grads, bufs if momentum else [], lr, momentum, dampening, weight_decay, nesterov, maximize,
         first_step, backend=backend), params)
     if not ok:
         return
-    for p, t, g, buf, old, dtype in zip(params, thetas, grads, bufs, old_bufs, dtypes):
-        theta, d_p = t.to(torch.float64, copy=True), (-g.double() if maximize else g.double())
-        d_p = d_p + weight_decay * theta
+    for i, (p, t, g, buf, old, dtype) in enumerate(zip(params, thetas, grads, bufs, old_bufs, dtypes)):
+        theta = t.double()
         # magnitudes of the terms each result is summed from: rounding is relative to them, not to a
         # result that cancels
         size = g.double().abs() + weight_decay * theta.abs()
         if momentum:
-            new_buf = d_p if first_step else momentum * old + (1 - dampening) * d_p
             buf_size = size if first_step else momentum * old.abs() + size
-            close(buf, new_buf, dtype, buf_size)
-            d_p = d_p + momentum * new_buf if nesterov else new_buf
+            close(buf, expected.momentum_buffers[i], dtype, buf_size)
             size = size + momentum * buf_size if nesterov else buf_size
         restored = theta.abs() + (0.01 * 8 if backend == "reference" else 0)  # subtract-back rounding of Δ
-        close(p, theta - lr * d_p, dtype, restored + lr * size)
+        close(p, expected.params[i], dtype, restored + lr * size)

@@ -1,9 +1,9 @@
-"""Inputs, tolerances and instruments shared by the Triton backend's tests."""
+"""Inputs, tolerances and instruments shared by the Triton backend's tests. (The ops' definition, and the error
+each dtype allows against it, are tests/op_definition.py.)"""
 from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 
 import pytest
 import torch
@@ -23,15 +23,6 @@ KERNEL_NAMES = ("perturb_sumsq_kernel", "perturb_scale_kernel", "perturb_apply_k
 SIZES = [(1,), (), (7,), (3, 5), (ops.APPLY.block + 1,), (CHUNK - 1,), (CHUNK,), (CHUNK + 1,),
          (2 * CHUNK + 17,), (16, 16)]
 
-# |actual − exact| allowed against the definition computed in float64: the kernels compute in fp32 (fp64
-# for fp64) and round once, so half an ulp of the storage type (2^-11 relative for fp16, 2^-8 for bf16)
-# plus a little fp32 noise. A truncating or double-rounding kernel exceeds it.
-DEFINITION_TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-6),
-    torch.float64: dict(rtol=1e-10, atol=1e-12),
-    torch.float16: dict(rtol=5e-4, atol=1e-6),
-    torch.bfloat16: dict(rtol=4e-3, atol=1e-6),
-}
 # Between two kernels that each round once from fp32 (or fp64): one ulp, of the operands (|θ|, |Δ| up to
 # ~4) where θ + scale·Δ cancels.
 ONE_ULP_TOL = {
@@ -66,20 +57,6 @@ def make_lists(sizes, dtype=torch.float32, device="cpu", seed=0, grad_scale=1.0)
 
 def clone(tensors):
     return [t.clone() for t in tensors]
-
-
-def projected(theta, delta, epsilon, per_tensor):
-    """θ + projected Δ and the norms (n per-tensor, then global), from the definition, in float64."""
-    norms = torch.stack([d.double().norm() for d in delta]) if delta else torch.zeros(0, dtype=torch.float64)
-    total = norms.norm()
-    out = []
-    for t, d, norm in zip(theta, delta, norms):
-        governing = (norm if per_tensor else total).item()
-        if not math.isfinite(governing):
-            out.append(t.double())
-            continue
-        out.append(t.double() + min(1.0, epsilon / (governing + 1e-12)) * d.double())
-    return out, torch.cat([norms, total.reshape(1)])
 
 
 def assert_lists_close(actual, expected, **tol):
