@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from amp_fused import AMP, available_backends, functional
+from op_definition import projection_scale
 
 BACKENDS = available_backends("cpu")
 EXACT = [b for b in BACKENDS if b != "reference"]  # reference subtracts Δ back, as the original does
@@ -372,7 +373,7 @@ def expected_complex_step(w, x, y, lr, epsilon, inner_lr, momentum_steps=1):
     g = torch.autograd.grad(complex_loss(w, x, y), w)[0]
     delta = inner_lr * g
     norm = torch.sqrt((delta.real ** 2 + delta.imag ** 2).sum()).item()
-    delta = delta * min(1.0, epsilon / (norm + 1e-12))
+    delta = delta * projection_scale(epsilon, norm)
     g_adv = torch.autograd.grad(complex_loss(w + delta, x, y), w)[0]
     return (w - lr * g_adv).detach(), norm, g
 
