@@ -8,14 +8,33 @@
   ``AMP_FUSED_CUDA=1`` makes it mandatory (any compile or link error fails the build),
   ``AMP_FUSED_CUDA=0`` skips it. Without the variable a failed CUDA build is reported and the
   install goes on with the CPU part, so a broken toolkit never blocks CPU users.
+  ``AMP_FUSED_NVCC_FLAGS``: extra nvcc flags, split into words like a shell command line (``shlex``) and
+  appended after the defaults, e.g. ``AMP_FUSED_NVCC_FLAGS="-Xptxas -v"`` for ptxas's register and spill
+  report (``tools/gpu_check.sh`` builds so).
+
+The sources and compiler flags come from ``amp_fused/_build.py``, which the run-time loader
+(``amp_fused/_extension.py``) shares: where an extension is not built here, or was built for another torch,
+amp_fused builds it on first use, from csrc (shipped in the wheel as ``amp_fused/_csrc``, pyproject.toml).
 """
-import glob
+import importlib.util
 import os
 import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_build_module():
+    """amp_fused/_build.py, by path (the package itself is not importable yet): the sources and compiler flags,
+    shared with the run-time loader, which builds the extensions on first use where they are missing."""
+    spec = importlib.util.spec_from_file_location("_amp_fused_build", os.path.join(ROOT, "amp_fused", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_build = _load_build_module()
 
 
 def _cuda_request():
@@ -25,71 +44,33 @@ def _cuda_request():
     return {"": None, "0": False, "1": True}[value]
 
 
-CPU_ARCHES = ("avx2", "default")
-
-
-def _is_x86_64():
-    import platform
-
-    return platform.machine().lower() in ("x86_64", "amd64")
-
-
-def _build_machine_has_avx2():
-    """Whether this machine runs AVX2, FMA and F16C, the instructions ATen's AVX2 vector code uses."""
-    if not _is_x86_64():
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-        return {"avx2", "fma", "f16c"}.issubset(flags)
-    except OSError:  # no /proc (macOS, Windows): ask torch's cpuinfo
-        import torch
-
-        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-
-
-def _cpu_arch():
-    value = os.environ.get("AMP_FUSED_CPU_ARCH", "").strip()
-    if value not in ("",) + CPU_ARCHES:
-        sys.exit(f"AMP_FUSED_CPU_ARCH must be one of {', '.join(map(repr, CPU_ARCHES))} or unset, got {value!r}")
-    if value == "avx2" and not _is_x86_64():
-        sys.exit("AMP_FUSED_CPU_ARCH=avx2 needs an x86-64 build machine; use 'default' or leave it unset")
-    if value:
-        return value, "set by AMP_FUSED_CPU_ARCH"
-    if _build_machine_has_avx2():
-        return "avx2", "the build machine has AVX2, FMA and F16C"
-    return "default", "the build machine lacks AVX2, FMA or F16C"
-
-
-def _cpu_arch_flags(arch):
-    """Compiler flags for the CPU kernels. ATen's at::vec::Vectorized picks its AVX2 implementation when
-    CPU_CAPABILITY_AVX2 is defined (and names its inline namespace after CPU_CAPABILITY), and that code uses
-    AVX2, FMA and F16C (fp16 conversion) intrinsics."""
-    if arch == "default":
-        return []
-    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+def _relative(paths):
+    return [os.path.relpath(p, ROOT) for p in paths]
 
 
 def _extensions():
     import torch
     from torch.utils import cpp_extension
 
-    cpu_arch, why = _cpu_arch()
+    csrc = os.path.join(ROOT, "csrc")
+    try:
+        cpu_arch, why = _build.cpu_arch()
+    except _build.BuildConfigError as exc:
+        sys.exit(str(exc))
     print(f"amp_fused: CPU kernels for {cpu_arch!r} ({why})")
-    cxx_flags = ["-O3", "-fopenmp"] + _cpu_arch_flags(cpu_arch)
-    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cpu_flags = _build.cpu_flags(cpu_arch)
     exts = [
         cpp_extension.CppExtension(
             "amp_fused._C",
-            cpu_sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"],
+            _relative(_build.cpu_sources(csrc)),
+            include_dirs=[csrc],
+            extra_compile_args={"cxx": cpu_flags["cxx"]},
+            extra_link_args=cpu_flags["ldflags"],
         )
     ]
 
     request = _cuda_request()
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    cuda_sources = _relative(_build.cuda_sources(csrc))
     if request is False:
         print("amp_fused: AMP_FUSED_CUDA=0, not building the CUDA extension")
         return exts, False
@@ -108,25 +89,16 @@ def _extensions():
 
     # A GPU-less build machine has no arch to detect: build for the common data-centre and workstation GPUs,
     # with PTX for newer ones (TORCH_CUDA_ARCH_LIST overrides; the Makefile uses 9.0+PTX to keep CI builds short).
+    # (A build at run time, on first use, targets the GPUs it sees.)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "7.5;8.0;8.6;8.9;9.0+PTX")
-    include_dirs, library_dirs = [os.path.join(ROOT, "csrc")], []
-    # torch's headers include cusparse.h etc.; the pip nvidia/cu13 package carries them when the
-    # system toolkit lacks them.
-    try:
-        import nvidia.cu13 as cu13  # type: ignore
-
-        base = list(cu13.__path__)[0]  # a namespace package: no __file__
-        include_dirs.append(os.path.join(base, "include"))
-        library_dirs.append(os.path.join(base, "lib"))
-    except ImportError:
-        pass
+    cuda_flags = _build.cuda_flags()
     exts.append(
         cpp_extension.CUDAExtension(
             "amp_fused._C_cuda",
             cuda_sources,
-            include_dirs=include_dirs,
-            library_dirs=library_dirs,
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+            include_dirs=[csrc] + cuda_flags["include_dirs"],
+            library_dirs=cuda_flags["library_dirs"],
+            extra_compile_args={"cxx": cuda_flags["cxx"], "nvcc": cuda_flags["nvcc"]},
         )
     )
     return exts, not request

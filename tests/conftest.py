@@ -1,5 +1,6 @@
 import os
 
+import no_triton_shadow  # noqa: F401 - first: where Triton is absent, tests/triton must not pass for it
 import pytest
 import torch
 

@@ -1,5 +1,6 @@
 """The ``python -m bench`` command line, run in-process on tiny configurations (no timing value is asserted)."""
 import contextlib
+import importlib.metadata
 import io
 import json
 import math
@@ -21,7 +22,9 @@ AMP_BYTES, SGD_BYTES = 40, 20  # per fp32 parameter, as bench/optimizer_step.py'
 OPTIMIZER_KEYS = {"params": str, "tensors": int, "numel": int, "backend": str, "ms": float, "gbps": float,
                   "floor_ms": float, "ops_per_step": int, "syncs_per_step": int}
 TRAIN_KEYS = {"model": str, "batch": int, "mode": str, "backend": str, "ms": float, "ratio_vs_erm": float}
-MACHINE_KEYS = ("cpu", "physical_cores", "torch_threads", "torch", "triton", "device", "date")
+MACHINE_KEYS = ("cpu", "physical_cores", "torch_threads", "torch", "device", "date")
+# Reported as installed, or None where they are not (torch's CPU-only wheels come without Triton).
+OPTIONAL_PACKAGES = ("triton", "torchvision")
 
 
 def run_main(argv):
@@ -67,6 +70,12 @@ def test_optimizer_step_rows_are_consistent(optimizer_run):
     _, result, _ = optimizer_run
     assert set(result) >= {"machine", "config", "triad", "optimizer_step"} and "train_step" not in result
     assert all(result["machine"][k] is not None for k in MACHINE_KEYS)
+    for package in OPTIONAL_PACKAGES:
+        try:
+            installed = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            installed = None
+        assert result["machine"][package] == installed, package
     names = result["config"]["backends"]
     assert names[0] == "reference" and "foreach" in names
     rows = result["optimizer_step"]

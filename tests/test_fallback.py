@@ -1,4 +1,8 @@
-"""Graceful fallback: a missing or broken compiled extension never breaks `import amp_fused`."""
+"""Graceful fallback: a missing or broken compiled extension never breaks `import amp_fused`.
+
+amp_fused builds a missing or broken extension on first use (tests/test_build.py): these processes turn that
+off (AMP_FUSED_BUILD=0) and get an empty build cache, so the simulated failure stands."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -37,15 +41,18 @@ SCRIPT = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def fallback_output():
-    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120)
+def fallback_output(tmp_path_factory):
+    env = dict(os.environ, AMP_FUSED_BUILD="0", AMP_FUSED_BUILD_DIR=str(tmp_path_factory.mktemp("empty_cache")))
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
+    assert "amp_fused: building" not in done.stderr
     return done.stdout
 
 
 def test_import_works_and_the_backend_is_reported_missing(fallback_output):
     assert "available ['reference', 'foreach']" in fallback_output
     assert "reason amp_fused._C failed to import: ImportError('simulated: undefined symbol in _C.so')" in fallback_output
+    assert "building amp_fused._C at run time is off (AMP_FUSED_BUILD=0)" in fallback_output
 
 
 def test_auto_falls_back_to_foreach_with_one_warning_that_says_why(fallback_output):

@@ -36,7 +36,6 @@ from typing import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from amp_fused import AMP, available_backends
@@ -84,6 +83,8 @@ class SmallCNN(nn.Module):
 
 def smooth_resnet18():
     """torchvision's ResNet-18 with SiLU for ReLU and average for max pooling (see the module docstring)."""
+    # Only the tests on ResNet-18 need torchvision (absent beside some torch builds): they skip, naming it.
+    torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.resnet18(weights=None, num_classes=10)
     for module in model.modules():
         if isinstance(getattr(module, "relu", None), nn.ReLU):

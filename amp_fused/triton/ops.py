@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from .. import _compat
 from .metadata import CACHE, CHUNK, spec_of
 
 # Read once, like Triton's own switch: whether CPU tensors may run (under Triton's interpreter).
@@ -169,9 +170,9 @@ def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first):
                     *tensor_args, scales, group.prog_base, float(inner_lr), FIRST=bool(first), DTYPE=storage,
                     COMPUTE=compute, ALIGNED=aligned, CHUNK=CHUNK, BLOCK=APPLY.block, num_warps=APPLY.num_warps)
     # The kernels write through raw pointers: tell autograd the tensors changed in place.
-    torch.autograd.graph.increment_version(params)
+    _compat.increment_version(params)
     if first:
-        torch.autograd.graph.increment_version(backups)
+        _compat.increment_version(backups)
     return norms
 
 
@@ -190,7 +191,7 @@ def restore_(params, backups):
                     param_table, backup_table, layout.numels, layout.prog_tensor, layout.prog_offset,
                     group.prog_base, WORD=word, ALIGNED=aligned, CHUNK=CHUNK, BLOCK=COPY.block,
                     num_warps=COPY.num_warps)
-    torch.autograd.graph.increment_version(params)
+    _compat.increment_version(params)
 
 
 @_host_copies_under_interpreter("params", "momentum_buffers")
@@ -219,6 +220,6 @@ def restore_sgd_(params, backups, grads, momentum_buffers, lr, momentum, dampeni
                     NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), WEIGHT_DECAY=weight_decay != 0,
                     DTYPE=storage, COMPUTE=compute, ALIGNED=aligned, CHUNK=CHUNK, BLOCK=SGD.block,
                     num_warps=SGD.num_warps)
-    torch.autograd.graph.increment_version(params)
+    _compat.increment_version(params)
     if uses_buffers:
-        torch.autograd.graph.increment_version(momentum_buffers)
+        _compat.increment_version(momentum_buffers)
