@@ -38,13 +38,18 @@ def eager_under_compile(fn):
     torch.optim does, so that importing amp_fused does not import Dynamo.
     """
     disabled = None
+    reason = "AMP keeps its per-step state in optimizer attributes (an AmpState), whose updates Dynamo may drop"
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         nonlocal disabled
         if disabled is None:
-            disabled = torch.compiler.disable(
-                fn, reason="AMP keeps its per-step state in optimizer attributes (an AmpState), whose updates Dynamo may drop")
+            if torch.compiler.is_compiling():
+                # The first call is being traced: Dynamo cannot apply disable() in a compiled region (torch 2.14
+                # says so naming the reason, torch 2.13 only that disable is skipped). Break the graph here with
+                # the reason, so that disable() runs eagerly (fullgraph=True: an error that says why).
+                torch._dynamo.graph_break(msg=reason)
+            disabled = torch.compiler.disable(fn, reason=reason)
         return disabled(*args, **kwargs)
 
     return wrapper

@@ -59,8 +59,9 @@ def test_extension_is_built_and_picked():
         assert "amp_fused._C_cuda" in _extension.cuda_error
 
 
-def test_a_broken_extension_is_recorded_not_raised():
-    # A fresh interpreter in which loading amp_fused._C fails as a stale or mismatched binary would.
+def test_a_broken_extension_is_recorded_not_raised(tmp_path):
+    # A fresh interpreter in which loading amp_fused._C fails as a stale or mismatched binary would (and in which
+    # amp_fused does not build one instead: tests/test_build.py tests that).
     script = """if True:
         import importlib
         real_import = importlib.import_module
@@ -69,12 +70,14 @@ def test_a_broken_extension_is_recorded_not_raised():
                 raise ImportError("undefined symbol: _ZN3c104impl")
             return real_import(name, *args, **kwargs)
         importlib.import_module = import_module
-        from amp_fused import _extension, backends
+        from amp_fused import _build, _extension, backends
+        _build.read_torch_tag = lambda path: _build.torch_tag()  # as if built for this torch: the import is tried
         print(_extension.cpu_error)
         print(_extension.fake_error)
         print(backends.unavailable_reason("cpu"))
     """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, AMP_FUSED_BUILD="0", AMP_FUSED_BUILD_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     cpu_error, fake_error, reason = result.stdout.strip().splitlines()[-3:]
     assert "amp_fused._C failed to import" in cpu_error and "undefined symbol" in cpu_error

@@ -13,6 +13,7 @@ import os
 import socket
 import time
 
+import no_triton_shadow  # noqa: F401 - the spawned workers import this module, not conftest.py
 import pytest
 import torch
 import torch.distributed as dist
