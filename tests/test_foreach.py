@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from amp_fused import AMP, functional
+from amp_fused.backends import foreach
 from amp_fused.profiling import DispatchCounter
 
 
@@ -32,10 +33,41 @@ OPS = {
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_foreach_ops_are_sync_free_and_constant(op):
+def test_foreach_device_path_is_sync_free_and_constant(op, monkeypatch):
+    # what runs on a GPU: the same code with host reads treated as synchronisations
+    monkeypatch.setattr(foreach, "host_reads_are_free", lambda t: False)
     small, large = count(OPS[op], "foreach", 10), count(OPS[op], "foreach", 300)
     assert small.syncs == 0 and large.syncs == 0, large.by_name
     assert small.ops == large.ops, (small.by_name, large.by_name)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_foreach_cpu_path_reads_at_most_once_and_is_constant(op):
+    small, large = count(OPS[op], "foreach", 10), count(OPS[op], "foreach", 300)
+    assert small.syncs <= 1 and large.syncs <= 1, large.by_name
+    assert small.ops == large.ops, (small.by_name, large.by_name)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_foreach_cpu_shortcuts_match_the_device_path(first, monkeypatch):
+    # fp32 norms with a float64 redo, and the skipped zeroing pass, against the device path on the same inputs:
+    # one tensor overflows fp32's sum of squares, one is non-finite, the rest are ordinary
+    def run():
+        params, grads, backups, _ = lists(6)
+        grads[1][0] = 3e20
+        grads[2][3] = float("nan")
+        if not first:
+            functional.perturb_(params, grads, backups, 0.5, 1.0, True, True, backend="foreach")
+        norms = functional.perturb_(params, grads, backups, 0.5, 1.0, True, first, backend="foreach")
+        return params, norms
+
+    cpu_params, cpu_norms = run()
+    monkeypatch.setattr(foreach, "host_reads_are_free", lambda t: False)
+    device_params, device_norms = run()
+    assert torch.isfinite(cpu_norms[1]) and torch.isnan(cpu_norms[2])
+    torch.testing.assert_close(cpu_norms, device_norms, equal_nan=True, rtol=1e-6, atol=0)
+    for a, b in zip(cpu_params, device_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_reference_grows_with_tensor_count():
@@ -69,7 +101,8 @@ def optimizer_step_counts(n, backend):
     return counter.ops + counter2.ops, counter.syncs + counter2.syncs
 
 
-def test_optimizer_step_on_foreach_is_sync_free_and_constant():
+def test_optimizer_step_on_foreach_is_sync_free_and_constant(monkeypatch):
+    monkeypatch.setattr(foreach, "host_reads_are_free", lambda t: False)  # the device path, as above
     ops_small, syncs_small = optimizer_step_counts(10, "foreach")
     ops_large, syncs_large = optimizer_step_counts(200, "foreach")
     assert syncs_small == syncs_large == 0

@@ -1,5 +1,9 @@
-"""The op table in ``torch._foreach_*`` ops: no host synchronisation at all, and a number of
+"""The op table in ``torch._foreach_*`` ops: no host synchronisation on a device, and a number of
 dispatched ops that does not depend on how many tensors there are. Runs on any device.
+
+On CPU tensors, where reading a result is free, two choices are made on the host instead (see
+:func:`host_reads_are_free`): the norms accumulate in fp32 with a float64 redo of any that overflowed, and the
+pass that zeroes non-finite tensors is skipped when every tensor is kept.
 """
 from __future__ import annotations
 
@@ -30,15 +34,34 @@ def projection(norms: torch.Tensor, epsilon: float, per_tensor: bool):
     return scale, keep.to(norms.dtype), torch.cat([norms, total.reshape(1)]).float()
 
 
+def host_reads_are_free(t: torch.Tensor) -> bool:
+    """True for eager CPU tensors: reading a value back is no synchronisation there."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _norms(tensors):
-    # float64 for every dtype, so that squaring a finite Δ never overflows
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))
+    """‖t‖₂ per tensor, finite whenever t is: squaring a finite Δ must never overflow to Inf."""
+    if not host_reads_are_free(tensors[0]):
+        # a device accumulates in float64 at the price of registers; asking the host would be a sync
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))
+    # On CPU float64 accumulation costs 4.7x fp32 (12.8 vs 2.7 ms on ResNet-18 here), and reading the result
+    # is free: accumulate in fp32 (fp64 when a tensor is fp64: _foreach_norm refuses to narrow) and redo in
+    # float64 only the tensors whose fp32 sum of squares overflowed.
+    wide = any(t.dtype == torch.float64 for t in tensors)
+    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64 if wide else torch.float32)).double()
+    for i in torch.isinf(norms).nonzero().flatten().tolist():
+        norms[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
+    return norms
 
 
 def _finite_where_kept(tensors, keep):
     # foreach has no select, and 0·NaN is NaN. IEEE pow gives pow(x, 1) == x and pow(x, 0) == 1 for every
     # x, NaN and Inf included: pow(z, keep) is z for kept tensors and all ones (finite) for dropped ones,
     # whose coefficient is then 0. No host sync, at the price of one pass of pow.
+    if host_reads_are_free(keep):
+        # On the host reading keep is free: skip the pass when every tensor is kept (the usual step), and give
+        # pow Python exponents, whose fast path is 11x the tensor-exponent one (3.7 vs 42 ms on ResNet-18 here).
+        return tensors if bool(keep.all()) else torch._foreach_pow(tensors, keep.tolist())
     return torch._foreach_pow(tensors, list(keep.unbind()))
 
 
