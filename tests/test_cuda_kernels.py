@@ -1,8 +1,10 @@
-"""What is specific to the CUDA kernels (backend "cuda", csrc/cuda): the built extension imports and registers
-its kernels on a machine without a GPU; on a GPU, the launch geometry (4-wide vector groups, chunks, tensors of
-many blocks, lists that fill several launch tables), results independent of alignment, no host syncs (also
-under CUDA graph capture), the current stream, the tensors' device, the kernels' own check of nesterov, and
-the AMP optimizer end to end.
+"""What is specific to the CUDA kernels (backend "cuda", csrc/cuda): the built extension imports, registers its
+kernels and publishes its launch limits on a machine without a GPU; on a GPU, the launch geometry (16-byte vector
+groups: 8 fp16/bf16, 4 fp32 or 2 fp64 elements, and their tails; chunks, tensors of many blocks, lists whose
+tensors and chunks carry over between launches, read from the launcher's published limits), a bf16 tensor past
+2^31 elements, results bitwise independent of (partial) alignment, overlapping tensors rejected before anything
+is written, no host syncs (also under CUDA graph capture), the current stream, the tensors' device (cuda:1: a
+skip that says why where there is one GPU), the kernels' own check of nesterov, and the AMP optimizer end to end.
 
 What every backend promises is tested once for all of them, CUDA tensors included (marked ``cuda``), in
 tests/test_backend_contract.py; the argument contract, natively on the CUDA kernels too, in tests/test_checks.py.
@@ -28,20 +30,35 @@ from amp_fused import _build, _extension, backends, functional
 from amp_fused.backends import cuda as fused
 from amp_fused.backends import foreach
 from op_definition import (DTYPES, ascent_bounds, assert_bitwise_equal, assert_within, bits, bound_norm, clones,
-                           dtype_id, empty_like, epsilon_for, moved, norm_bounds, perturb)
+                           dtype_id, empty_like, epsilon_for, moved, norm_bounds, perturb, sgd_bounds)
 
 HAS_GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device; none is visible")
 DEVICE = torch.device("cuda")
 OPS = ("perturb_", "restore_", "restore_sgd_")
 
+
+def cuda_extension():
+    """amp_fused._C_cuda, or None when it is missing (reading ``cuda_error`` loads it: amp_fused loads the
+    extensions on first use)."""
+    return sys.modules.get("amp_fused._C_cuda") if _extension.cuda_error is None else None
+
+
 # Elements per CUDA block (csrc/cuda/config.h), published by the extension; the fallback only places test
 # sizes when the extension is missing, in which case the GPU tests fail on the backend check anyway.
-CHUNK = getattr(sys.modules.get("amp_fused._C_cuda") if _extension.cuda_error is None else None, "CHUNK_SIZE",
-                1 << 16)  # (reading cuda_error loads the extension: amp_fused loads it on first use)
-# Sizes around 4-element groups and chunk boundaries, 0-d and empty tensors, and one of a couple of millions.
+CHUNK = getattr(cuda_extension(), "CHUNK_SIZE", 1 << 16)
+# Sizes around the vector groups (8 elements for fp16/bf16, 4 fp32, 2 fp64) and chunk boundaries, 0-d and
+# empty tensors, and one of a couple of millions.
 EDGE_SHAPES = [(1,), (3,), (4,), (5,), (CHUNK - 1,), (CHUNK,), (CHUNK + 1,), (2 * CHUNK + 3,), (), (0,), (2, 0, 3),
-               (1_048_577, 2)]
+               (1_048_577, 2), (7,), (8,), (9,), (15,), (17,), (CHUNK - 7,), (CHUNK + 9,)]
+
+
+@pytest.fixture
+def launch_limits(cuda_backend):
+    """The launcher's table limits as the extension publishes them (csrc/cuda/config.h)."""
+    ext = cuda_extension()
+    return dict(chunk=ext.CHUNK_SIZE, vector_bytes=ext.VECTOR_BYTES, max_blocks=ext.MAX_BLOCKS_PER_LAUNCH,
+                max_tensors=dict(ext.MAX_TENSORS_PER_LAUNCH), sum_tensors=ext.SUM_PARTIALS_TENSORS_PER_LAUNCH)
 
 
 @pytest.fixture
@@ -105,7 +122,10 @@ def test_built_extension_imports_without_a_gpu_and_registers_cuda_kernels():
         after = registered()
         from amp_fused import _extension, backends
         print(json.dumps(dict(gpu=torch.cuda.is_available(), before=before, after=after, file=ext.__file__,
-                              chunk=ext.CHUNK_SIZE, cuda_error=_extension.cuda_error,
+                              chunk=ext.CHUNK_SIZE, vector_bytes=ext.VECTOR_BYTES,
+                              max_blocks=ext.MAX_BLOCKS_PER_LAUNCH,
+                              max_tensors={{str(k): v for k, v in ext.MAX_TENSORS_PER_LAUNCH.items()}},
+                              sum_tensors=ext.SUM_PARTIALS_TENSORS_PER_LAUNCH, cuda_error=_extension.cuda_error,
                               reason=backends.unavailable_reason("cuda"))))
     """)
     path = [str(package.parent)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -117,7 +137,13 @@ def test_built_extension_imports_without_a_gpu_and_registers_cuda_kernels():
     assert Path(info["file"]).resolve() in [p.resolve() for p in built]
     assert info["before"] in (None, [False] * len(OPS))
     assert info["after"] == [True] * len(OPS), dict(zip(OPS, info["after"]))
-    assert info["chunk"] > 0 and info["chunk"] % 4 == 0
+    assert info["chunk"] > 0 and info["chunk"] % 8 == 0  # whole 8-element groups of fp16/bf16
+    assert info["vector_bytes"] == 16
+    # fewer tensors per table with more pointers per tensor; a table fits the 4 KB of kernel arguments
+    tensors = [info["max_tensors"][str(depth)] for depth in (1, 2, 3, 4)]
+    assert tensors == sorted(tensors, reverse=True) and tensors[-1] >= 1, tensors
+    assert all(8 + 5 * info["max_blocks"] + (8 * d + 12) * n <= 4096 for d, n in zip((1, 2, 3, 4), tensors)), tensors
+    assert info["sum_tensors"] >= 1
     assert info["cuda_error"] is None
     assert info["reason"] == "no CUDA device is visible"
 
@@ -149,7 +175,8 @@ def test_empty_lists_need_no_extension():
 @pytest.mark.parametrize("per_tensor", [True, False], ids=["per_tensor", "global"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_vector_groups_chunks_and_a_couple_of_million_values(cuda_backend, dtype, per_tensor):
-    """Every remainder of the 4-wide vector groups, chunk edges and a tensor of 32 blocks, first and later ascent."""
+    """Every remainder of the vector groups (8 elements for fp16/bf16, 4 fp32, 2 fp64), chunk edges and a tensor
+    of 32 blocks, first and later ascent."""
     params, grads = make_lists(EDGE_SHAPES, dtype, seed=1)
     grads2 = make_lists(EDGE_SHAPES, dtype, seed=2)[1]
     epsilon = epsilon_for(grads, 0.5, per_tensor)
@@ -221,6 +248,264 @@ def test_bitwise_deterministic_and_alignment_independent(cuda_backend, dtype):
         for other in runs[1:]:  # repeated, and with the scalar instead of the vector path
             for a, b in zip(runs[0], other):
                 assert_bitwise_equal(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b])
+
+
+# -- launch tables, > 2^31 elements, partial alignment, overlap: the cases a CPU run cannot reach --------------
+SGD_FIRST = dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=True, maximize=False,
+                 first_step=True)
+SGD_LATER = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2, nesterov=False, maximize=True,
+                 first_step=False)
+
+
+def float64_copies(tensors):
+    return [t.detach().to(torch.float64, copy=True) for t in tensors]
+
+
+def check_restore_sgd(params, backups, grads, buffers, sgd):
+    """One restore_sgd_ on the cuda backend against the foreach backend run in float64 on the same values, held
+    to the definition's SGD bounds."""
+    theta, old = clones(backups), clones(buffers)
+    p64, m64 = float64_copies(params), float64_copies(buffers)
+    foreach.restore_sgd_(p64, float64_copies(backups), float64_copies(grads), m64, *sgd.values())
+    functional.restore_sgd_(params, backups, grads, buffers, *sgd.values(), backend="cuda")
+    step = op_definition.restore_sgd(theta, grads, old, *sgd.values())
+    param_bounds, buffer_bounds = sgd_bounds(theta, grads, old, step, sgd["lr"], sgd["momentum"],
+                                             sgd["weight_decay"], sgd["first_step"])
+    assert_within(params, p64, param_bounds, "param after restore_sgd_")
+    assert_within(buffers, m64, buffer_bounds, "momentum buffer after restore_sgd_")
+
+
+def check_ascent_against_foreach(params, grads, backups, theta, epsilon, inner_lr, per_tensor, first):
+    """check_ascent, with the expected values from the foreach backend run in float64 on the same inputs."""
+    dtypes = [p.dtype for p in params]
+    p64, b64 = float64_copies(params), float64_copies(backups)
+    n64 = foreach.perturb_(p64, float64_copies(grads), b64, epsilon, inner_lr, per_tensor, first)
+    expected = perturb(clones(params), grads, theta, epsilon, inner_lr, per_tensor, first)
+    norms = functional.perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first, backend="cuda")
+    bounds = ascent_bounds(expected, dtypes, per_tensor)
+    assert_within(params, p64, bounds, "param")
+    assert_within([norms], [n64.double()], [norm_bounds(expected, dtypes)], "norms")
+    return norms
+
+
+def step_sequence(params, grads, grads2, backups, buffers, epsilon):
+    """The ops of an AMP step and a bit more on the cuda backend, each checked against foreach in float64 right
+    after it ran; returns what every op wrote, for bitwise comparisons between runs."""
+    theta, written = clones(params), []
+    for t in backups + buffers:
+        t.fill_(math.nan)  # a chunk the kernels skip would show
+    for first, per_tensor, g in ((True, True, grads), (False, False, grads2), (False, True, grads)):
+        before = clones(params)
+        norms = check_ascent_against_foreach(params, g, backups, theta, epsilon, 0.5, per_tensor, first)
+        assert_bitwise_equal(backups, theta, "backup")
+        assert moved(params, before) > 0
+        written.append(clones([norms] + params))
+    check_restore_sgd(params, backups, grads2, buffers, SGD_FIRST)
+    check_restore_sgd(params, backups, grads, buffers, SGD_LATER)
+    written.append(clones(params + buffers))
+    for t in params:
+        t.fill_(math.nan)
+    functional.restore_(params, backups, backend="cuda")
+    assert_bitwise_equal(params, backups, "param after restore_")
+    return written
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_half_types_on_the_8_wide_groups_and_their_tails(cuda_backend, launch_limits, dtype):
+    """fp16/bf16 move 8 elements per 16-byte access: every size n ≡ 0..7 (mod 8) below and across a chunk,
+    against foreach in float64."""
+    width = launch_limits["vector_bytes"] // torch.empty((), dtype=dtype).element_size()
+    assert width == 8
+    chunk = launch_limits["chunk"]
+    shapes = [(base + r,) for base in (0, 8, 2 * width * 512, chunk - width, chunk, 3 * chunk) for r in range(width)
+              if base + r > 0]
+    params, grads = make_lists(shapes, dtype, seed=31)
+    grads2 = make_lists(shapes, dtype, seed=32)[1]
+    backups, buffers = empty_like(params), empty_like(params)
+    step_sequence(params, grads, grads2, backups, buffers, epsilon_for(grads, 0.5, True))
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_chunks_and_tensors_carry_over_between_launches(cuda_backend, launch_limits):
+    """A list that overflows the launch tables of every pass: more tensors than a table holds at any depth and
+    than one launch of the per-tensor sums covers, and a tensor whose chunks straddle two launches (it starts
+    part-way into a table and has more chunks than a table has blocks), mixed dtypes (one group per dtype)."""
+    chunk, max_blocks = launch_limits["chunk"], launch_limits["max_blocks"]
+    most_tensors = max(launch_limits["max_tensors"].values())
+    count = max(2 * most_tensors, launch_limits["sum_tensors"]) + 7
+    gen = torch.Generator().manual_seed(33)
+    shapes = [(int(torch.randint(1, 3 * chunk // 2, (1,), generator=gen)),) for _ in range(count)]
+    straddling = count // 3
+    shapes[straddling] = ((max_blocks + 3) * chunk + 5,)
+    dtypes = [{5: torch.bfloat16, 6: torch.float16}.get(i % 7, torch.float32) for i in range(count)]
+    dtypes[straddling] = torch.float32
+    # what the list is for: the fp32 group overflows a table in tensors, the straddling tensor starts part-way
+    # into a table and alone has more chunks than a table has blocks
+    fp32 = [i for i, d in enumerate(dtypes) if d == torch.float32]
+    assert len(fp32) > most_tensors and count > launch_limits["sum_tensors"]
+    assert 0 < sum(-(-shapes[i][0] // chunk) for i in fp32 if i < straddling) % max_blocks
+    assert -(-shapes[straddling][0] // chunk) > max_blocks
+    params, grads = make_lists(shapes, dtypes, seed=34)
+    grads2 = make_lists(shapes, dtypes, seed=35)[1]
+    backups, buffers = empty_like(params), empty_like(params)
+    step_sequence(params, grads, grads2, backups, buffers, epsilon_for(grads, 0.5, True))
+
+
+def view_at(t, offset, sentinel=-3.25):
+    """The values of ``t`` in a buffer, ``offset`` elements past its 16-byte-aligned start (the rest SENTINEL);
+    returns (view, buffer)."""
+    buffer = torch.full((t.numel() + offset + 16,), sentinel, dtype=t.dtype, device=t.device)
+    view = buffer[offset:offset + t.numel()].view(t.shape)
+    view.copy_(t)
+    return view, buffer
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_partial_alignment_is_bitwise_equal_to_an_aligned_run(cuda_backend, launch_limits, dtype):
+    """A list mixing 16-byte-aligned tensors with views 1 element, half a vector and a whole vector into their
+    buffers (at each index a different list misaligned, so a tensor takes the vector path only when all its
+    pointers are aligned): every op's result is bitwise that of an all-aligned run of the same values, which
+    itself matches foreach in float64; nothing around the views is written."""
+    chunk = launch_limits["chunk"]
+    width = launch_limits["vector_bytes"] // torch.empty((), dtype=dtype).element_size()
+    offsets = sorted({0, 1, width // 2, width, width + 1})  # elements into the buffer (0, width: 16-byte aligned)
+    shapes = [(n,) for n in (1, width - 1, width, width + 1, 4097, chunk - 1, chunk + width + 1, 2 * chunk + 3)]
+    shapes += [(3, 5, 7), (CHUNK + 1,)]
+    params, grads = make_lists(shapes, dtype, seed=36)
+    grads2 = make_lists(shapes, dtype, seed=37)[1]
+    epsilon = epsilon_for(grads, 0.5, True)
+    aligned = step_sequence(clones(params), clones(grads), clones(grads2), empty_like(params), empty_like(params),
+                            epsilon)
+
+    names = ("params", "grads", "grads2", "backups", "buffers")
+    lists = {name: [] for name in names}
+    buffers_of = []
+    for i in range(len(shapes)):
+        for k, (name, source) in enumerate(zip(names, (params, grads, grads2, params, params))):
+            offset = offsets[(i + k) % len(offsets)] if (i + k) % 3 else 0  # a third of them aligned
+            view, buffer = view_at(source[i], offset)
+            lists[name].append(view)
+            buffers_of.append((buffer, offset, view.numel()))
+    assert any(o % width == 0 for _, o, _ in buffers_of) and any(o % width for _, o, _ in buffers_of)
+    mixed = step_sequence(*(lists[name] for name in names), epsilon)
+    for a, m in zip(aligned, mixed):
+        assert_bitwise_equal(m, a, "mixed-alignment result")
+    for buffer, offset, numel in buffers_of:
+        around = torch.cat([buffer[:offset], buffer[offset + numel:]])
+        assert torch.equal(around, torch.full_like(around, -3.25)), "an element around a view was written"
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", OPS)
+def test_overlapping_tensors_in_one_list_are_rejected_before_anything_is_written(cuda_backend, launch_limits, op):
+    """Two tensors of params sharing memory, late in a list long enough for several launches: the contract's
+    ValueError (csrc/checks.h), raised before any kernel writes, through torch.ops and the op layer."""
+    count = max(launch_limits["max_tensors"].values()) + 5
+    params, grads = make_lists([(1000 + i,) for i in range(count)], torch.float32, seed=38)
+    shared = torch.randn(4000, device=DEVICE)
+    params[-2], params[-1] = shared[:1000 + count - 2], shared[500:500 + 1000 + count - 1]
+    backups, buffers = empty_like(params), [torch.ones_like(p) for p in params]
+    args = {"perturb_": (params, grads, backups, 1.0, 0.5, True, True),
+            "restore_": (params, backups),
+            "restore_sgd_": (params, backups, grads, buffers, 0.1, 0.9, 0.0, 0.0, False, False, False)}[op]
+    written = params + backups + buffers + [shared]
+    torch.cuda.synchronize()
+    before = [bits(t).clone() for t in written]
+    message = (rf"^amp_fused\.{op}: params\[{count - 2}\] and params\[{count - 1}\] share memory; each tensor the "
+               r"op writes must have memory of its own$")
+    with pytest.raises(ValueError, match=message):
+        getattr(torch.ops.amp_fused, op)(*args)
+    with pytest.raises(ValueError, match=message.replace(r"^amp_fused\." + op + ": ", "")):
+        getattr(functional, op)(*args, backend="cuda")
+    torch.cuda.synchronize()
+    for i, (now, then) in enumerate(zip(written, before)):
+        assert torch.equal(bits(now), then), f"tensor {i} was written by a rejected {op}"
+
+
+# 2^31 + 4097 bf16 elements: element offsets past int32 in every list, and a last chunk of 4097.
+INT32_EDGE = 2**31
+HUGE_NUMEL = INT32_EDGE + 4097
+PIECE = 2**27  # float64 work in pieces of this many elements (1 GiB)
+
+
+def huge_fill_(t, scale, gen):
+    for piece in t.split(PIECE):
+        piece.copy_(torch.randn(piece.numel(), generator=gen, device=t.device, dtype=torch.float32) * scale)
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_bf16_tensor_past_2_31_elements(cuda_backend):
+    """One bf16 tensor of 2^31 + 4097 elements through perturb_ (first and later ascent), restore_sgd_ and
+    restore_: the whole norm in float64, and slices (the start, across element 2^31, the last 4097 and the last
+    64) against a float64 computation of those slices."""
+    lists = 5  # params, grads, backups, momentum buffers, a second gradient
+    need = lists * 2 * HUGE_NUMEL + 3 * PIECE * 8 + 2**30
+    free, total = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory for {lists} bf16 lists of {HUGE_NUMEL} "
+                    f"elements; {free / 2**30:.1f} GiB of {total / 2**30:.1f} GiB are free")
+    gen = torch.Generator(device=DEVICE).manual_seed(39)
+    params, grads, grads2 = (torch.empty(HUGE_NUMEL, dtype=torch.bfloat16, device=DEVICE) for _ in range(3))
+    huge_fill_(params, 0.01, gen)
+    huge_fill_(grads, 1.0, gen)
+    huge_fill_(grads2, 1.0, gen)
+    backups = torch.full_like(params, math.nan)
+    buffers = torch.full_like(params, math.nan)
+    edge = INT32_EDGE
+    slices = [(0, 4096), (edge - 3000, edge + 3000), (HUGE_NUMEL - 4097, HUGE_NUMEL), (HUGE_NUMEL - 64, HUGE_NUMEL)]
+    inner_lr = 0.01
+
+    def sum_of_squares(delta_of):
+        return sum(float((delta_of(start) ** 2).sum()) for start in range(0, HUGE_NUMEL, PIECE))
+
+    def piece(t, start):
+        return t[start:start + PIECE].double()
+
+    def check_slices(actual, expected_of, what):
+        for a, b in slices:
+            expected = expected_of(a, b)
+            bound = (2.0**-8) * expected.abs() + 2.0**-20 * expected.abs().max()  # one bf16 rounding from fp32
+            assert_within([actual[a:b]], [expected], [bound], f"{what} [{a}:{b}]")
+
+    # first ascent: Δ = ζ·g, θ saved in backups
+    norm = math.sqrt(sum_of_squares(lambda s: inner_lr * piece(grads, s)))
+    epsilon = 0.5 * inner_lr * norm  # projects: scale ≈ 0.5
+    theta = {(a, b): params[a:b].clone() for a, b in slices}
+    norms = functional.perturb_([params], [grads], [backups], epsilon, inner_lr, True, True, backend="cuda")
+    torch.testing.assert_close(norms.double().cpu(), torch.tensor([norm, norm], dtype=torch.float64), rtol=2e-7, atol=0)
+    scale = min(1.0, epsilon / (norm + 1e-12))
+    check_slices(params, lambda a, b: theta[a, b].double() + scale * inner_lr * grads[a:b].double(), "params")
+    for a, b in slices:
+        assert torch.equal(bits(backups[a:b]), bits(theta[a, b])), f"backups [{a}:{b}] are not θ"
+    assert not backups.isnan().any()
+
+    # later ascent: Δ = (params − θ) + ζ·g2
+    current = {(a, b): params[a:b].clone() for a, b in slices}
+    norm = math.sqrt(sum_of_squares(lambda s: piece(params, s) - piece(backups, s) + inner_lr * piece(grads2, s)))
+    norms = functional.perturb_([params], [grads2], [backups], epsilon, inner_lr, True, False, backend="cuda")
+    torch.testing.assert_close(norms.double().cpu(), torch.tensor([norm, norm], dtype=torch.float64), rtol=1e-6, atol=0)
+    scale = min(1.0, epsilon / (norm + 1e-12))
+    check_slices(params, lambda a, b: theta[a, b].double() + scale * (
+        current[a, b].double() - theta[a, b].double() + inner_lr * grads2[a:b].double()), "params (later ascent)")
+
+    # restore_sgd_, first step (the buffers are NaN: not read)
+    functional.restore_sgd_([params], [backups], [grads], [buffers], *SGD_FIRST.values(), backend="cuda")
+    step = {(a, b): op_definition.restore_sgd([theta[a, b]], [grads[a:b]], [], *SGD_FIRST.values())
+            for a, b in slices}
+    check_slices(params, lambda a, b: step[a, b].params[0], "params after restore_sgd_")
+    check_slices(buffers, lambda a, b: step[a, b].momentum_buffers[0], "momentum buffers after restore_sgd_")
+
+    params.fill_(math.nan)
+    functional.restore_([params], [backups], backend="cuda")
+    for start in range(0, HUGE_NUMEL, PIECE):
+        assert torch.equal(bits(params[start:start + PIECE]), bits(backups[start:start + PIECE])), start
 
 
 class OpLog(TorchDispatchMode):
@@ -317,8 +602,13 @@ def test_runs_on_the_current_stream(cuda_backend):
 
 @needs_gpu
 @pytest.mark.cuda
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_runs_on_the_tensors_device_not_the_current_one(cuda_backend):
+    """Tensors on cuda:1 while cuda:0 is current: the kernels run on cuda:1 (a device guard). Needs two GPUs; the
+    skip says how many there are, so a log shows why it did not run."""
+    count = torch.cuda.device_count()
+    if count < 2:
+        names = ", ".join(f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(count))
+        pytest.skip(f"needs two CUDA devices to put tensors on cuda:1; this machine has {count} ({names})")
     device = torch.device("cuda", 1)
     params, grads = make_lists([(CHUNK + 5,), (9,)], torch.float32, seed=18, device=device)
     backups = [torch.empty_like(p) for p in params]

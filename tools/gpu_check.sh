@@ -176,36 +176,46 @@ step_build() {
 
 pytest_tail() { grep -a -E '(passed|failed|error|skipped|no tests ran|collected)' "$1" | tail -n 1 | sed 's/=//g; s/^ *//; s/ *$//'; }
 
-step_cuda_tests() {
-  local ignore=()
-  [ -f tests/test_triton_gpu.py ] && ignore=(--ignore=tests/test_triton_gpu.py)  # its own step
+# pytest_step LOG LABEL WHAT PYTEST_ARGS...: one pytest step (both test steps), setting STATUS and MSG. The dry
+# run only collects (PASS when something was collected: WHAT names it); otherwise the tests run (PASS when
+# pytest exits 0 and some test passed), failures and the summary line shown.
+pytest_step() {
+  local log=$1 label=$2 what=$3
+  shift 3
+  : >"$log"
   if [ "$DRY" = 1 ]; then
-    : >"$WORK/collect.log"
-    run_timed "$T" "$WORK/collect.log" "$PY" -m pytest --collect-only -q -m cuda tests -p no:cacheprovider "${ignore[@]}"
-    cat "$WORK/collect.log" >>"$TESTS_LOG"
-    local n
-    n=$("$PY" tools/gpu_check_util.py collected "$WORK/collect.log")
+    run_timed "$T" "$log" "$PY" -m pytest --collect-only -q -p no:cacheprovider "$@"
+    cat "$log" >>"$TESTS_LOG"
+    local n; n=$("$PY" tools/gpu_check_util.py collected "$log")
+    echo "    $(pytest_tail "$log")"
     if [ "$RC" = 0 ] && [ "$n" != "?" ] && [ "$n" -gt 0 ]; then
-      STATUS=PASS; MSG="dry run: $n CUDA-marked tests collected (-m cuda); they would run on a GPU (skipped without one)"
+      STATUS=PASS; MSG="dry run: $n $what collected; they would run on a GPU (skipped without one)"
     else
-      STATUS=FAIL; MSG="collecting the CUDA tests failed (exit $RC); see tests.log"; show "$WORK/collect.log" 15
+      STATUS=FAIL; MSG="collecting the $what failed (exit $RC); see tests.log"; show "$log" 15
     fi
-    echo "    $(pytest_tail "$WORK/collect.log")"
     return
   fi
-  local workers=${GPU_CHECK_PYTEST_WORKERS:-8} xdist=()
-  if [ "$workers" != 0 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then xdist=(-n "$workers"); fi
-  : >"$WORK/cuda_tests.log"
-  run_timed "$T" "$WORK/cuda_tests.log" "$PY" -m pytest -q -m cuda tests -p no:cacheprovider "${xdist[@]}" \
-    "${ignore[@]}" --durations=10
-  cat "$WORK/cuda_tests.log" >>"$TESTS_LOG"
-  grep -a -E '^(FAILED|ERROR) ' "$WORK/cuda_tests.log" | head -n 25 | sed 's/^/    /'
-  local last; last=$(pytest_tail "$WORK/cuda_tests.log")
+  # -rs (pyproject's -ra too) lists every skip with its reason in the log
+  run_timed "$T" "$log" "$PY" -m pytest -q -rs -p no:cacheprovider "$@"
+  cat "$log" >>"$TESTS_LOG"
+  grep -a -E '^(FAILED|ERROR) ' "$log" | head -n 25 | sed 's/^/    /'
+  local last; last=$(pytest_tail "$log")
   echo "    $last"
-  MSG="pytest -m cuda${xdist:+ -n $workers}: ${last:-no summary line}"
+  MSG="$label: ${last:-no summary line}"
   if [ "$RC" = 124 ]; then STATUS=FAIL; MSG="timed out after $T s; $MSG"
   elif [ "$RC" = 0 ] && [[ "$last" == *passed* ]]; then STATUS=PASS
   else STATUS=FAIL; [[ "$last" == *passed* ]] || MSG="$MSG (no test passed: is the GPU visible?)"; fi
+}
+
+step_cuda_tests() {
+  local ignore=() workers=${GPU_CHECK_PYTEST_WORKERS:-8} xdist=() durations=()
+  [ -f tests/test_triton_gpu.py ] && ignore=(--ignore=tests/test_triton_gpu.py)  # its own step
+  if [ "$DRY" != 1 ]; then
+    durations=(--durations=10)
+    if [ "$workers" != 0 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then xdist=(-n "$workers"); fi
+  fi
+  pytest_step "$WORK/cuda_tests.log" "pytest -m cuda${xdist:+ -n $workers}" "CUDA-marked tests (-m cuda)" \
+    -m cuda tests "${xdist[@]}" "${ignore[@]}" "${durations[@]}"
 }
 
 step_triton_gpu_tests() {
@@ -213,28 +223,10 @@ step_triton_gpu_tests() {
     STATUS=SKIP; MSG="tests/test_triton_gpu.py does not exist yet (tests/triton is interpreter-only: not run here)"
     return
   fi
-  : >"$WORK/triton_tests.log"
-  if [ "$DRY" = 1 ]; then
-    run_timed "$T" "$WORK/triton_tests.log" "$PY" -m pytest --collect-only -q tests/test_triton_gpu.py -p no:cacheprovider
-    cat "$WORK/triton_tests.log" >>"$TESTS_LOG"
-    local n; n=$("$PY" tools/gpu_check_util.py collected "$WORK/triton_tests.log")
-    echo "    $(pytest_tail "$WORK/triton_tests.log")"
-    if [ "$RC" = 0 ] && [ "$n" != "?" ] && [ "$n" -gt 0 ]; then
-      STATUS=PASS; MSG="dry run: $n tests collected from tests/test_triton_gpu.py; they would run on a GPU"
-    else
-      STATUS=FAIL; MSG="collecting tests/test_triton_gpu.py failed (exit $RC); see tests.log"; show "$WORK/triton_tests.log" 15
-    fi
-    return
-  fi
-  run_timed "$T" "$WORK/triton_tests.log" "$PY" -m pytest -q tests/test_triton_gpu.py -p no:cacheprovider --durations=5
-  cat "$WORK/triton_tests.log" >>"$TESTS_LOG"
-  grep -a -E '^(FAILED|ERROR) ' "$WORK/triton_tests.log" | head -n 20 | sed 's/^/    /'
-  local last; last=$(pytest_tail "$WORK/triton_tests.log")
-  echo "    $last"
-  MSG="pytest tests/test_triton_gpu.py: ${last:-no summary line}"
-  if [ "$RC" = 124 ]; then STATUS=FAIL; MSG="timed out after $T s; $MSG"
-  elif [ "$RC" = 0 ] && [[ "$last" == *passed* ]]; then STATUS=PASS
-  else STATUS=FAIL; fi
+  local durations=()
+  [ "$DRY" = 1 ] || durations=(--durations=5)
+  pytest_step "$WORK/triton_tests.log" "pytest tests/test_triton_gpu.py" "tests of tests/test_triton_gpu.py" \
+    tests/test_triton_gpu.py "${durations[@]}"
 }
 
 # run_python_step LOGNAME SCRIPT JSON: a tool script with --budget-s a little under the timeout

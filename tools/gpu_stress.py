@@ -24,8 +24,9 @@ Cases (GPU sizes; ``--dry-run`` runs the same code at small sizes on CPU tensors
 
 ``overlap``     two tensors of ``params`` share memory (also: params/grads, params/backups): every op must raise
                 ValueError and leave every buffer bit-identical; for ``cuda`` also through ``torch.ops.amp_fused``
-``unaligned``   views that start 0-3 elements into their buffers (each list at a different offset), sizes
-                around the 4-element vector groups and the chunk, fp32 and a bf16/fp16 list
+``unaligned``   views that start 0-4 elements into their buffers (each list at a different offset), sizes
+                around the 16-byte vector groups (4 fp32, 8 fp16/bf16 elements) and the chunk, fp32 and a
+                bf16/fp16 list
 ``many``        2,000 tensors of mixed sizes around the 65536-element chunk, small ones, empty ones, 3 large
                 ones, mostly fp32 with bf16 and fp16 mixed in: more tensors and chunks than one CUDA launch's
                 metadata holds, so tensors straddle launches
@@ -69,6 +70,23 @@ SGD_LATER = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2, nester
 SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 
+# Elements per CUDA block (csrc/cuda/config.h kChunkSize) where amp_fused._C_cuda cannot be loaded to say.
+DEFAULT_CHUNK = 1 << 16
+
+
+def cuda_chunk_size() -> tuple[int, str | None]:
+    """(elements per CUDA block, None) as amp_fused._C_cuda publishes it, loading the extension: amp_fused
+    loads its extensions on first use, which reading ``_extension.cuda_error`` is. Where it does not load:
+    (DEFAULT_CHUNK, why)."""
+    from amp_fused import _extension
+
+    error = _extension.cuda_error
+    module = sys.modules.get("amp_fused._C_cuda")
+    if error is None and module is not None:
+        return int(module.CHUNK_SIZE), None
+    return DEFAULT_CHUNK, f"amp_fused._C_cuda did not load ({error}); case sizes use chunk {DEFAULT_CHUNK}"
+
+
 @dataclass
 class Sizes:
     chunk: int
@@ -83,8 +101,8 @@ class Sizes:
 def gpu_sizes(chunk: int) -> Sizes:
     return Sizes(chunk=chunk, many_count=2000, many_large=(4 * 2**20 + 1, 8 * 2**20 + 3, 16 * 2**20 + 5),
                  huge_numel=2**31 + 4097, huge_slice=2**27,
-                 unaligned=(1, 2, 3, 4, 5, 7, 8, 9, 4097, chunk - 1, chunk, chunk + 1, chunk + 3, 2 * chunk + 5,
-                            300_001),
+                 unaligned=(1, 2, 3, 4, 5, 7, 8, 9, 15, 17, 4097, chunk - 1, chunk, chunk + 1, chunk + 3,
+                            2 * chunk + 5, 300_001),
                  # per element: 4 bf16 lists and 2 clones (12 B), 4 fp32 reference lists and 2 temporaries
                  # (24 B), and a margin
                  huge_min_free_bytes=40 * (2**31 + 4097))
@@ -143,7 +161,7 @@ def make_view_lists(sizes, dtypes, device, gen) -> TensorLists:
     lists = TensorLists([], [], [], [])
     for k, name in enumerate(("params", "grads", "backups", "momentum")):
         for i, (n, dtype) in enumerate(zip(sizes, dtypes)):
-            offset = (i + k) % 4  # 0 (aligned) to 3 elements in
+            offset = (i + k) % 5  # 0 (aligned) to 4 elements in: 4 is 8 bytes for fp16/bf16, half a vector
             buffer = torch.full((offset + n + 5,), SENTINEL, dtype=dtype, device=device)
             view = buffer[offset:offset + n]
             lists.lists()[name].append(view)
@@ -499,7 +517,7 @@ def describe(sizes: Sizes) -> list[str]:
     chunks = sum(-(-math.prod(s) // sizes.chunk) for s in shapes)
     return [
         "overlap: 3 overlap variants x 3 ops must raise ValueError, nothing written (cuda: also torch.ops direct)",
-        f"unaligned: {len(sizes.unaligned)} views per list at offsets 0-3, sizes {sizes.unaligned[:6]}... up to "
+        f"unaligned: {len(sizes.unaligned)} views per list at offsets 0-4, sizes {sizes.unaligned[:6]}... up to "
         f"{max(sizes.unaligned)}, fp32 and bf16/fp16, 6 ops",
         f"many: {len(shapes)} tensors, {numel / 1e6:.1f}M elements, {chunks} chunks of {sizes.chunk} (fp32 + bf16 + "
         "fp16), 6 ops",
@@ -537,14 +555,16 @@ def main(argv=None) -> int:
     device = "cpu" if args.dry_run else "cuda"
     backends = args.backends.split(",") if args.backends else (["cpu"] if args.dry_run else ["cuda", "triton"])
     cases = [c for c in args.cases.split(",") if c]
-    chunk = getattr(sys.modules.get("amp_fused._C_cuda"), "CHUNK_SIZE", 1 << 16)
-    sizes = dry_sizes(1 << 16) if args.dry_run else gpu_sizes(chunk)
+    chunk, chunk_note = cuda_chunk_size()
+    if chunk_note and not args.dry_run:
+        print(f"note: {chunk_note}")
+    sizes = dry_sizes(chunk) if args.dry_run else gpu_sizes(chunk)
     report = {"mode": "dry-run" if args.dry_run else "gpu", "device": device, "backends": backends,
               "reference": REFERENCE, "tolerances": {SHORT[d]: t for d, t in TOL.items()}, "norm_rtol": NORM_RTOL,
-              "sizes": sizes.__dict__, "results": [], "not_run": []}
+              "sizes": sizes.__dict__, "chunk_note": chunk_note, "results": [], "not_run": []}
     if args.dry_run:
         torch.set_num_threads(1)  # small tensors on a possibly shared machine: threads only add contention
-        report["would_run_on_gpu"] = describe(gpu_sizes(1 << 16))
+        report["would_run_on_gpu"] = describe(gpu_sizes(chunk))
         print("dry run: CPU tensors, small sizes, backends " + ",".join(backends) + "; on a GPU it would run, for "
               "cuda and triton:")
         for line in report["would_run_on_gpu"]:

@@ -1,8 +1,9 @@
 // Per-chunk work of the amp_fused ops for multi_tensor_apply.cuh (what the ops compute:
 // amp_fused/backends/__init__.py). Element math comes from amp_math.h, shared with the CPU kernels. Each
 // functor loads the storage type, computes in opmath (fp32; fp64 for fp64 tensors) and rounds once on
-// store. Thread `thread` handles the kILP-element groups starting at thread·kILP, stepping by
-// kBlockSize·kILP; group positions at or past the chunk's end load as zero and are never stored.
+// store. Thread `thread` handles the groups of kWidth = kILP<scalar_t> elements (16 bytes: config.h)
+// starting at thread·kWidth, stepping by kBlockSize·kWidth; group positions at or past the chunk's end load
+// as zero and are never stored.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -21,6 +22,7 @@ template <typename scalar_t, bool First>
 struct SumSquaresFunctor {
   using opmath_t = at::opmath_type<scalar_t>;
   static constexpr int kDepth = First ? 1 : 3;
+  static constexpr int kWidth = kILP<scalar_t>;  // elements per 16-byte group
 
   opmath_t inner_lr;
 
@@ -35,35 +37,34 @@ struct SumSquaresFunctor {
       backup = chunk_data<scalar_t>(meta, 1, c);
       vector_ok = vector_ok && pack_aligned(param) && pack_aligned(backup);
     }
-    // One accumulator per group position: kILP independent add chains, combined in a fixed order.
-    double acc[kILP] = {};
-    for (int i = thread * kILP; i < c.size; i += kBlockSize * kILP) {
-      scalar_t g[kILP];
+    // One accumulator per group position: kWidth independent add chains, combined in a fixed order.
+    double acc[kWidth] = {};
+    for (int i = thread * kWidth; i < c.size; i += kBlockSize * kWidth) {
+      scalar_t g[kWidth];
       load_group(g, grad, i, c.size, vector_ok);
       if constexpr (First) {
         AMP_FUSED_UNROLL
-        for (int j = 0; j < kILP; ++j) {
+        for (int j = 0; j < kWidth; ++j) {
           const double delta = static_cast<double>(
               ascent_delta(opmath_t(0), opmath_t(0), static_cast<opmath_t>(g[j]), inner_lr, true));
           acc[j] += delta * delta;  // zero past the chunk's end: Δ of zeros is zero
         }
       } else {
-        scalar_t p[kILP];
-        scalar_t b[kILP];
+        scalar_t p[kWidth];
+        scalar_t b[kWidth];
         load_group(p, param, i, c.size, vector_ok);
         load_group(b, backup, i, c.size, vector_ok);
         AMP_FUSED_UNROLL
-        for (int j = 0; j < kILP; ++j) {
+        for (int j = 0; j < kWidth; ++j) {
           const double delta = static_cast<double>(ascent_delta(
               static_cast<opmath_t>(p[j]), static_cast<opmath_t>(b[j]), static_cast<opmath_t>(g[j]), inner_lr, false));
           acc[j] += delta * delta;
         }
       }
     }
-    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    return pairwise_sum(acc);
   }
 };
-static_assert(kILP == 4, "SumSquaresFunctor combines exactly four accumulators");
 
 // Pass 2 of perturb_: params ← θ + scale·Δ with the tensor's scale from the norm pass (0 when its norm, or
 // the global one, is not finite: params become exactly θ). First ascent: θ is params, and it is also
@@ -72,6 +73,7 @@ template <typename scalar_t, bool First>
 struct PerturbApplyFunctor {
   using opmath_t = at::opmath_type<scalar_t>;
   static constexpr int kDepth = 3;
+  static constexpr int kWidth = kILP<scalar_t>;  // elements per 16-byte group
 
   const double* scales;  // indexed by list index
   opmath_t inner_lr;
@@ -83,18 +85,18 @@ struct PerturbApplyFunctor {
     const scalar_t* grad = chunk_data<scalar_t>(meta, 2, c);
     const bool vector_ok = pack_aligned(param) && pack_aligned(backup) && pack_aligned(grad);
     const opmath_t scale = static_cast<opmath_t>(scales[meta.list_index[c.slot]]);
-    for (int i = thread * kILP; i < c.size; i += kBlockSize * kILP) {
-      scalar_t p[kILP];
-      scalar_t b[kILP];
-      scalar_t g[kILP];
+    for (int i = thread * kWidth; i < c.size; i += kBlockSize * kWidth) {
+      scalar_t p[kWidth];
+      scalar_t b[kWidth];
+      scalar_t g[kWidth];
       load_group(p, param, i, c.size, vector_ok);
       if constexpr (!First) {
         load_group(b, backup, i, c.size, vector_ok);
       }
       load_group(g, grad, i, c.size, vector_ok);
-      scalar_t out[kILP];
+      scalar_t out[kWidth];
       AMP_FUSED_UNROLL
-      for (int j = 0; j < kILP; ++j) {
+      for (int j = 0; j < kWidth; ++j) {
         const opmath_t current = static_cast<opmath_t>(p[j]);
         opmath_t theta = current;
         if constexpr (!First) {
@@ -115,14 +117,15 @@ struct PerturbApplyFunctor {
 template <typename scalar_t>
 struct CopyFunctor {
   static constexpr int kDepth = 2;
+  static constexpr int kWidth = kILP<scalar_t>;  // elements per 16-byte group
 
   AMP_FUSED_HD void operator()(const TensorListMetadata<kDepth>& meta, int block, int thread) const {
     const ChunkRef c = locate_chunk(meta, block);
     scalar_t* dst = chunk_data<scalar_t>(meta, 0, c);
     const scalar_t* src = chunk_data<scalar_t>(meta, 1, c);
     const bool vector_ok = pack_aligned(dst) && pack_aligned(src);
-    for (int i = thread * kILP; i < c.size; i += kBlockSize * kILP) {
-      scalar_t v[kILP];
+    for (int i = thread * kWidth; i < c.size; i += kBlockSize * kWidth) {
+      scalar_t v[kWidth];
       load_group(v, src, i, c.size, vector_ok);
       store_group(dst, v, i, c.size, vector_ok);
     }
@@ -136,6 +139,7 @@ template <typename scalar_t, bool Momentum>
 struct RestoreSgdFunctor {
   using opmath_t = at::opmath_type<scalar_t>;
   static constexpr int kDepth = Momentum ? 4 : 3;
+  static constexpr int kWidth = kILP<scalar_t>;  // elements per 16-byte group
 
   SgdArgs<opmath_t> args;
 
@@ -151,18 +155,18 @@ struct RestoreSgdFunctor {
       vector_ok = vector_ok && pack_aligned(momentum_buffer);
     }
     const bool read_buffer = Momentum && !args.first_step;
-    for (int i = thread * kILP; i < c.size; i += kBlockSize * kILP) {
-      scalar_t b[kILP];
-      scalar_t g[kILP];
-      scalar_t m[kILP];
+    for (int i = thread * kWidth; i < c.size; i += kBlockSize * kWidth) {
+      scalar_t b[kWidth];
+      scalar_t g[kWidth];
+      scalar_t m[kWidth];
       load_group(b, backup, i, c.size, vector_ok);
       load_group(g, grad, i, c.size, vector_ok);
       if (read_buffer) {
         load_group(m, momentum_buffer, i, c.size, vector_ok);
       }
-      scalar_t out[kILP];
+      scalar_t out[kWidth];
       AMP_FUSED_UNROLL
-      for (int j = 0; j < kILP; ++j) {
+      for (int j = 0; j < kWidth; ++j) {
         opmath_t buf = read_buffer ? static_cast<opmath_t>(m[j]) : opmath_t(0);
         out[j] = static_cast<scalar_t>(
             sgd_update(static_cast<opmath_t>(b[j]), static_cast<opmath_t>(g[j]), &buf, args));

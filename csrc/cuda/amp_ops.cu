@@ -42,7 +42,7 @@ namespace {
 // Where each tensor's chunk partials are: partials[first[k] .. first[k] + count[k]) belong to the tensor
 // at list index list_index[k]. Passed by value, like the chunk tables.
 struct PartialRanges {
-  static constexpr int kMaxTensors = 240;
+  static constexpr int kMaxTensors = kSumPartialsTensors;
   int64_t first[kMaxTensors];
   int32_t count[kMaxTensors];
   int32_t list_index[kMaxTensors];

@@ -21,6 +21,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "amp_fused CUDA kernels for torch.ops.amp_fused.perturb_, restore_ and restore_sgd_";
   // Elements per CUDA block: tests place tensor sizes at chunk boundaries with it.
   m.attr("CHUNK_SIZE") = amp_fused::cuda::kChunkSize;
+  // Bytes per vector access (every dtype), and the launch tables' limits: tests size lists that fill several
+  // launches with these.
+  m.attr("VECTOR_BYTES") = amp_fused::cuda::kVectorBytes;
+  m.attr("MAX_BLOCKS_PER_LAUNCH") = amp_fused::cuda::kMaxBlocks;
+  pybind11::dict tensors_per_launch;  // pointers per tensor (the op's number of lists) -> tensors per table
+  for (int depth = 1; depth <= 4; ++depth) {
+    tensors_per_launch[pybind11::int_(depth)] = amp_fused::cuda::max_tensors_per_launch(depth);
+  }
+  m.attr("MAX_TENSORS_PER_LAUNCH") = tensors_per_launch;
+  m.attr("SUM_PARTIALS_TENSORS_PER_LAUNCH") = amp_fused::cuda::kSumPartialsTensors;
   m.attr("CUDART_VERSION") = CUDART_VERSION;
   m.attr("BUILD_TAG") = kBuildTag;
 }

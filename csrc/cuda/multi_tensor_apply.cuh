@@ -10,16 +10,16 @@
 //   buffer, no host-to-device copy, no host sync. Kernel arguments are portably limited to 4 KB, so a
 //   table holds at most kMaxBlocks blocks and TensorListMetadata<Depth>::kMaxTensors tensors (fewer for
 //   more pointers per tensor: 111, 79, 62, 50 for depths 1-4). A new launch starts only when the table
-//   is full; a tensor whose chunks straddle two launches keeps its slot in the next table.
+//   is full; a tensor whose chunks straddle two launches carries over, in slot 0 of the next table.
 // * Determinism, no float atomics. The launcher enumerates (tensor, chunk) pairs in a fixed order and
 //   numbers them op-wide (`first_block_id` + blockIdx.x). A reducing pass writes each block's sum to
 //   that slot of a partials buffer, and later kernels combine the slots in a fixed order. Inside a block,
-//   thread t always owns the kILP-element groups t, t + kBlockSize, ... of its chunk, whether they are
+//   thread t always owns the kILP<T>-element groups t, t + kBlockSize, ... of its chunk, whether they are
 //   read with vector or scalar loads, and the block reduction is a fixed tree. Results therefore depend
 //   only on the tensors' sizes and values: bitwise identical across runs, streams and alignments.
-// * Vector access. When every pointer of a tensor is aligned to kILP elements, full groups move as one
-//   aligned kILP-wide load/store (64 or 128 bits; two 128-bit ones for fp64); otherwise (unaligned
-//   views, ragged ends) element by element.
+// * Vector access. A group is kVectorBytes (16) wide for every dtype: 8 fp16/bf16, 4 fp32 or 2 fp64
+//   elements (config.h). When every pointer of a tensor is 16-byte aligned, full groups move as one
+//   128-bit load/store; otherwise (unaligned views) and for a chunk's ragged end, element by element.
 // * Sizes and element offsets are int64; chunk indices are int32 (2^31 chunks of 2^16 elements).
 #pragma once
 
@@ -39,7 +39,7 @@
 // functor) by reference into these, which must not force a copy of the 4 KB table into local memory.
 #define AMP_FUSED_HD __host__ __device__ __forceinline__
 
-// Full unrolling of the kILP loops keeps the per-thread arrays in registers; the host compiler, which also
+// Full unrolling of the kILP<T> loops keeps the per-thread arrays in registers; the host compiler, which also
 // compiles the host-device functions, does not know the pragma.
 #if defined(__CUDA_ARCH__)
 #define AMP_FUSED_UNROLL _Pragma("unroll")
@@ -49,51 +49,54 @@
 
 namespace amp_fused::cuda {
 
-// ---- kILP-element groups: vector access when aligned, scalar otherwise --------------------------------
+// ---- kILP<T>-element groups: one 16-byte vector access when aligned, scalar otherwise ------------------
 
 template <typename T>
-struct alignas(sizeof(T) * kILP) Pack {
-  T v[kILP];
+struct alignas(kVectorBytes) Pack {
+  T v[kILP<T>];
 };
+static_assert(sizeof(Pack<float>) == kVectorBytes && alignof(Pack<double>) == kVectorBytes, "16-byte packs");
 
 template <typename T>
 AMP_FUSED_HD bool pack_aligned(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % alignof(Pack<T>) == 0;
 }
 
-// Loads elements [i, i + kILP) of an n-element chunk; positions at or past n read as zero. The vector path
-// copies through memcpy with the alignment asserted: well-defined C++ (no type punning), and nvcc emits the
-// same single wide load as for a reinterpret_cast.
+// Loads elements [i, i + kILP<T>) of an n-element chunk; positions at or past n read as zero. The vector
+// path copies through memcpy with the alignment asserted: well-defined C++ (no type punning), and nvcc emits
+// the same single 128-bit load as for a reinterpret_cast.
 template <typename T>
-AMP_FUSED_HD void load_group(T (&dst)[kILP], const T* src, int i, int n, bool vector_ok) {
-  if (vector_ok && i + kILP <= n) {
+AMP_FUSED_HD void load_group(T (&dst)[kILP<T>], const T* src, int i, int n, bool vector_ok) {
+  constexpr int ilp = kILP<T>;
+  if (vector_ok && i + ilp <= n) {
     Pack<T> pack;
     std::memcpy(&pack, __builtin_assume_aligned(static_cast<const void*>(src + i), alignof(Pack<T>)), sizeof(pack));
     AMP_FUSED_UNROLL
-    for (int j = 0; j < kILP; ++j) {
+    for (int j = 0; j < ilp; ++j) {
       dst[j] = pack.v[j];
     }
   } else {
     AMP_FUSED_UNROLL
-    for (int j = 0; j < kILP; ++j) {
+    for (int j = 0; j < ilp; ++j) {
       dst[j] = i + j < n ? src[i + j] : T(0);
     }
   }
 }
 
-// Stores elements [i, i + kILP) of an n-element chunk; nothing at or past n is written.
+// Stores elements [i, i + kILP<T>) of an n-element chunk; nothing at or past n is written.
 template <typename T>
-AMP_FUSED_HD void store_group(T* dst, const T (&src)[kILP], int i, int n, bool vector_ok) {
-  if (vector_ok && i + kILP <= n) {
+AMP_FUSED_HD void store_group(T* dst, const T (&src)[kILP<T>], int i, int n, bool vector_ok) {
+  constexpr int ilp = kILP<T>;
+  if (vector_ok && i + ilp <= n) {
     Pack<T> pack;
     AMP_FUSED_UNROLL
-    for (int j = 0; j < kILP; ++j) {
+    for (int j = 0; j < ilp; ++j) {
       pack.v[j] = src[j];
     }
     std::memcpy(__builtin_assume_aligned(static_cast<void*>(dst + i), alignof(Pack<T>)), &pack, sizeof(pack));
   } else {
     AMP_FUSED_UNROLL
-    for (int j = 0; j < kILP; ++j) {
+    for (int j = 0; j < ilp; ++j) {
       if (i + j < n) {
         dst[i + j] = src[j];
       }
@@ -101,20 +104,26 @@ AMP_FUSED_HD void store_group(T* dst, const T (&src)[kILP], int i, int n, bool v
   }
 }
 
-// ---- launch metadata ---------------------------------------------------------------------------------
-
-// Blocks per launch. Small tensors take one block each, so this also bounds the launches of a list of
-// many small tensors together with the tensor limit.
-constexpr int kMaxBlocks = 320;
-
-// Bytes of a metadata table, leaving room in the 4 KB of kernel arguments for the functor's fields.
-constexpr int kMetadataBytes = 3840;
-constexpr int kKernelArgBytes = 4096;
-
-constexpr int max_tensors_per_launch(int depth) {
-  // first_block_id + per block (int32 chunk, uint8 slot) + per tensor (depth pointers, numel, list index)
-  return (kMetadataBytes - 8 - kMaxBlocks * 5) / (8 * depth + 8 + 4);
+// Sum of the n values of `acc` as a fixed pairwise tree (deterministic; n a power of two).
+template <int N>
+AMP_FUSED_HD double pairwise_sum(const double (&acc)[N]) {
+  static_assert(N >= 1 && (N & (N - 1)) == 0, "a power of two");
+  double level[N];
+  AMP_FUSED_UNROLL
+  for (int j = 0; j < N; ++j) {
+    level[j] = acc[j];
+  }
+  AMP_FUSED_UNROLL
+  for (int width = N / 2; width > 0; width /= 2) {
+    AMP_FUSED_UNROLL
+    for (int j = 0; j < width; ++j) {
+      level[j] = level[2 * j] + level[2 * j + 1];
+    }
+  }
+  return level[0];
 }
+
+// ---- launch metadata (limits: config.h) ---------------------------------------------------------------
 
 // The table of one launch. Block b processes chunk block_to_chunk[b] of the tensor in slot
 // block_to_tensor[b]; its op-wide number is first_block_id + b.
