@@ -14,15 +14,19 @@ export TORCH_CUDA_ARCH_LIST
 
 .PHONY: test test-main test-triton demo bench build clean gpu-check gpu-check-dry
 
-$(STAMP): pyproject.toml setup.py
+# constraints.txt pins torch and torchvision for every install, so that no dependency (lightning, accelerate)
+# can replace the pinned torch build.
+CONSTRAINTS := -c constraints.txt
+
+$(STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip "setuptools>=64" wheel
-	$(PY) -m pip install --quiet $(TORCH_PKGS) ninja pybind11
+	$(PY) -m pip install --quiet $(CONSTRAINTS) --upgrade pip "setuptools>=64" wheel
+	$(PY) -m pip install --quiet $(CONSTRAINTS) $(TORCH_PKGS) ninja pybind11
 	touch $(STAMP)
 
 # Builds amp_fused._C (and amp_fused._C_cuda where nvcc is found) in place and installs the package editable.
 build: $(STAMP)
-	$(PY) -m pip install --quiet --no-build-isolation -e '.[dev]'
+	$(PY) -m pip install --quiet --no-build-isolation $(CONSTRAINTS) -e '.[dev]'
 
 test: build
 	$(MAKE) test-main test-triton

@@ -49,6 +49,10 @@ class AMP(torch.optim.Optimizer):
                           doc="fp32 norms ‖Δ‖ of the last ascent (one per tensor, then the total)")
     is_perturbed = property(lambda self: self._amp.perturbed,
                             doc="whether the parameters are at θ + Δ (between first_step and second_step)")
+    # torch's LRScheduler warns when it steps before the optimizer did, reading this flag, which its wrapper of
+    # ``step`` sets. second_step() sets it too (the two-call API is an optimizer step); kept in the AmpState so
+    # that a wrapper running second_step (LightningOptimizer) sets it for the real optimizer the scheduler holds.
+    _opt_called = setting("opt_called")
 
     def __init__(self, params, lr, epsilon, inner_lr=1.0, inner_iter=1, base_optimizer=torch.optim.SGD, *,
                  norm="per_tensor", backend="auto", perturb_every=1, between="erm", model=None, bn_stats="all",
@@ -95,7 +99,13 @@ class AMP(torch.optim.Optimizer):
         With a ``torch.amp.GradScaler`` whose ``scale(loss).backward()`` the closure calls, pass it as ``scaler``
         (and call ``scaler.update()`` afterwards): the ascent uses the unscaled gradient, and a non-finite
         gradient in any pass skips the base step so that the scaler backs off.
+
+        ``step()`` without a closure after ``first_step()`` is ``second_step(scaler=scaler)``: frameworks that
+        call ``optimizer.step()`` after their backward pass (Accelerate, transformers.Trainer) finish the
+        two-call API that way, and count it as their optimizer step.
         """
+        if closure is None and self._amp.perturbed:
+            return self.second_step(scaler=scaler)
         training.check_closure(closure)
         self._amp.refuse_while_perturbed("step(closure)")
         s, closure = self._amp, torch.enable_grad()(closure)
@@ -161,8 +171,18 @@ class AMP(torch.optim.Optimizer):
         if not self._amp.perturbed:
             raise RuntimeError("second_step() needs a preceding first_step(): the parameters are not perturbed")
         self._second_step(scaler)
+        self._amp.opt_called = True
         if zero_grad:
             self.zero_grad()
+
+    @torch.no_grad()
+    def unscale_(self, scaler) -> None:
+        """``scaler.unscale_`` for the gradient the base optimizer will step with, for frameworks that clip it
+        before the step (call it after the last backward pass of the step; ``step``/``second_step`` with the same
+        scaler then do not unscale again). An overflow of this step's ascent passes is reported to the scaler
+        first, so that the step is still skipped."""
+        training.report_ascent_overflow(self._amp.step_norms, self.param_groups)
+        scaler.unscale_(self.base_optimizer)  # the scaler keeps per-optimizer state: the one that steps
 
     def _second_step(self, scaler):
         s, base = self._amp, self.base_optimizer

@@ -36,6 +36,7 @@ class AmpState:
         self.step_norms = []  # the norms of every ascent of the current step
         self.last_norms = None  # fp32 norms of Δ from the last ascent, for logging
         self.reuse_delta = {}  # parameter -> Δ of the last full step (the "reuse" schedule)
+        self.opt_called = False  # an optimizer step happened (torch's LRScheduler reads it as _opt_called)
         # scratch, rebuilt when needed
         self.plan = None  # the last plan built
         self.backups = {}  # parameter -> θ buffer, reused from plan to plan

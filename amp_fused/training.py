@@ -12,7 +12,8 @@ from torch.utils._pytree import tree_map
 def check_closure(closure) -> None:
     if closure is None:
         raise ValueError("AMP.step needs a closure (it runs forward and backward twice); without one, "
-                         "call first_step() and second_step() around your own backward passes")
+                         "call first_step() after your backward pass, then second_step() (or step()) after the "
+                         "next one")
     if not callable(closure):
         raise TypeError(f"closure must be callable, got {type(closure).__name__}")
 
