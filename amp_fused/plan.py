@@ -5,10 +5,12 @@ Checked at build time (:mod:`amp_fused.checks`): the parameters' dtypes and layo
 share memory. Complex parameters are held as their real views, which the ops take. The θ buffers follow their
 parameter's dtype, layout and device, so ``model.double()`` or ``model.to(memory_format=...)`` between steps
 only rebuilds the plan. Per step the gradients are gathered (:func:`gradients`): each in its parameter's
-layout, checked against it unless the backend checks every call itself.
+layout, checked against it unless the backend checks every call itself. A backend with a ``hold`` hook (Triton)
+derives what it needs from the plan's lists once (:func:`hold`), so its calls check only addresses.
 """
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -27,6 +29,9 @@ class Part:
     views: list  # what the ops take: the parameters, complex ones as real views
     backups: list  # θ buffers, one per view
     backend: object  # resolved for this device
+    # The gradients' expected (dtypes, numels, device indices) when every view is a real contiguous tensor (the
+    # common case, checked per step in a few C-level passes); None otherwise
+    plain: tuple | None = field(default=None, repr=False)
 
     def __len__(self):
         return len(self.params)
@@ -84,7 +89,23 @@ def build(groups, selection, backend_name: str, buffers: dict) -> Plan:
         views, backups = ([t for part in parts for t in getattr(part, name)] for name in ("views", "backups"))
         checks.check_lists("perturb_", [("params", sharded.local_tensors(views), True),
                                         ("backups", sharded.local_tensors(backups), True)])
+    for part in plan.parts:
+        hold(part)
     return plan
+
+
+def hold(part: Part) -> None:
+    """After the checks: what the per-step paths may take as given for ``part``. The backend's ``hold`` hook
+    (Triton: the layout and the params' and backups' pointer tables) gets the part's lists once; and where
+    every view is a real contiguous tensor, :func:`gradients` compares dtypes, sizes and devices directly."""
+    views = part.views
+    if views and not sharded.is_sharded(views) and all(
+            not p.is_complex() and v.is_contiguous() for p, v in zip(part.params, views)):
+        part.plain = (list(map(_DTYPE, views)), list(map(torch.Tensor.numel, views)),
+                      list(map(torch.Tensor.get_device, views)))
+    backend_hold = getattr(part.backend, "hold", None)
+    if backend_hold is not None and views:
+        part.views = backend_hold(views, part.backups)
 
 
 def current(state, groups, selected) -> Plan:
@@ -102,9 +123,26 @@ def current(state, groups, selected) -> Plan:
     return state.plan
 
 
+_GRAD, _DTYPE = operator.attrgetter("grad"), operator.attrgetter("dtype")
+
+
 def gradients(part: Part) -> list:
     """The gradients of ``part`` as the ops take them: real views for complex parameters, each in its
     parameter's layout (a copy when autograd or the user left it in another one), zeros where missing."""
+    if part.plain is not None:
+        # Real contiguous parameters whose gradients are all there, contiguous, of their dtype, size and device
+        # (what autograd leaves): the ops take them as they are. Sizes as numels, not shapes (a third of the
+        # cost): torch itself refuses a .grad of another shape, and an equal numel is what the kernels'
+        # flat addressing needs; any other mismatch takes the checked path below.
+        grads = list(map(_GRAD, part.params))
+        dtypes, numels, devices = part.plain
+        try:
+            if (list(map(_DTYPE, grads)) == dtypes and list(map(torch.Tensor.numel, grads)) == numels
+                    and list(map(torch.Tensor.get_device, grads)) == devices
+                    and all(map(torch.Tensor.is_contiguous, grads))):
+                return grads
+        except Exception:  # noqa: BLE001 - a missing (None) or unusual gradient: the general path says what
+            pass
     grads = []
     for p, view in zip(part.params, part.views):
         g = p.grad

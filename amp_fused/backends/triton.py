@@ -25,6 +25,7 @@ def unavailable_reason():
 
 
 perturb_ = ops.perturb_
+hold = ops.hold  # the optimizer's plan: layouts and tables checked once per plan (amp_fused.plan.hold)
 restore_ = ops.restore_
 restore_sgd_ = ops.restore_sgd_
 

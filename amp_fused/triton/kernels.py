@@ -10,8 +10,10 @@ squared in fp64 and the partial sums are fp64, so finite fp32/fp16/bf16 inputs n
 reduction runs in a fixed order and without atomics, so the norms are bitwise reproducible.
 
 A program whose chunk lies wholly inside its tensor runs without masks (only a tensor's last chunk
-is ragged); with ``ALIGNED`` (every address in the launch is 16-byte aligned, checked on the host)
-those unmasked accesses compile to 16-byte vector loads and stores.
+is ragged). Alignment is decided per program, so per tensor: when every address the program uses is a
+multiple of 16 bytes (checked in the kernel, one integer test), its unmasked accesses take the path whose
+pointers the compiler knows to be 16-byte aligned (vector loads and stores); otherwise the plain path.
+One unaligned view thus costs only its own tensor the vector accesses.
 """
 import triton
 import triton.language as tl
@@ -41,9 +43,15 @@ def _program(prog_tensor, prog_offset, numels, prog_base, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _tensor_ptr(table, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    """Tensor ``t``'s data from a pointer table, typed as its storage (bf16 as its uint16 bits)."""
-    address = tl.load(table + t)
+def _pointer(address, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """An address from a pointer table as a pointer to the storage type (bf16 as its uint16 bits).
+
+    ALIGNED: the caller found the address a multiple of 16 bytes. The pointer is then rebuilt from
+    ``address // 16`` before the hint, so that the hint marks an op of this path only (``tl.multiple_of``
+    marks the op defining its operand, which the unaligned path shares when it is ``address`` itself), and
+    so that a wrong choice reads the wrong memory even under the interpreter, where hints do nothing."""
+    if ALIGNED:
+        address = address // 16 * 16
     if DTYPE == tl.bfloat16:
         ptr = address.to(tl.pointer_type(tl.uint16))
     else:
@@ -51,6 +59,12 @@ def _tensor_ptr(table, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
     return ptr
+
+
+@triton.jit
+def _all_aligned(a, b, c, d):
+    """Whether the four addresses are multiples of 16 bytes."""
+    return ((a | b | c | d) & 15) == 0
 
 
 @triton.jit
@@ -142,26 +156,37 @@ def _sumsq_chunk(param, grad, backup, start, numel, zeta, MASKED: tl.constexpr, 
 @triton.jit
 def perturb_sumsq_kernel(param_ptrs, grad_ptrs, backup_ptrs, numels, prog_tensor, prog_offset, partials, prog_base,
                          inner_lr: tl.float64, FIRST: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
-                         ACC: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                         ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Pass 1: partials[pid] = Σ Δ² over this program's chunk, Δ = ζg (FIRST) or (params − backups) + ζg."""
     pid, t, start, numel = _program(prog_tensor, prog_offset, numels, prog_base, CHUNK)
     zeta = _as(inner_lr, COMPUTE)
-    param = _tensor_ptr(param_ptrs, t, DTYPE, ALIGNED)
-    grad = _tensor_ptr(grad_ptrs, t, DTYPE, ALIGNED)
-    backup = _tensor_ptr(backup_ptrs, t, DTYPE, ALIGNED)
+    param = tl.load(param_ptrs + t)
+    grad = tl.load(grad_ptrs + t)
+    backup = tl.load(backup_ptrs + t)
     if start + CHUNK <= numel:
-        sumsq = _sumsq_chunk(param, grad, backup, start, numel, zeta, False, FIRST, DTYPE, COMPUTE, ACC, CHUNK, BLOCK)
+        if _all_aligned(param, grad, backup, param):
+            sumsq = _sumsq_chunk(_pointer(param, DTYPE, True), _pointer(grad, DTYPE, True),
+                                 _pointer(backup, DTYPE, True), start, numel, zeta, False, FIRST, DTYPE, COMPUTE, ACC,
+                                 CHUNK, BLOCK)
+        else:
+            sumsq = _sumsq_chunk(_pointer(param, DTYPE, False), _pointer(grad, DTYPE, False),
+                                 _pointer(backup, DTYPE, False), start, numel, zeta, False, FIRST, DTYPE, COMPUTE,
+                                 ACC, CHUNK, BLOCK)
     else:
-        sumsq = _sumsq_chunk(param, grad, backup, start, numel, zeta, True, FIRST, DTYPE, COMPUTE, ACC, CHUNK, BLOCK)
+        sumsq = _sumsq_chunk(_pointer(param, DTYPE, False), _pointer(grad, DTYPE, False),
+                             _pointer(backup, DTYPE, False), start, numel, zeta, True, FIRST, DTYPE, COMPUTE, ACC,
+                             CHUNK, BLOCK)
     tl.store(partials + pid, sumsq)
 
 
 @triton.jit
-def perturb_scale_kernel(partials, first_prog, n_chunks, norms, scales, n, max_chunks, epsilon: tl.float64,
+def perturb_scale_kernel(partials, first_prog, n_chunks, block_chunks, norms, scales, n, epsilon: tl.float64,
                          PER_TENSOR: tl.constexpr, ACC: tl.constexpr, T_BLOCK: tl.constexpr,
                          C_BLOCK: tl.constexpr):
     """Pass 2, one program: per-tensor sums of the partials in a fixed order, the norms (n per-tensor,
-    then the global one from the per-tensor sums) and the scale of every tensor."""
+    then the global one from the per-tensor sums) and the scale of every tensor. Each block of T_BLOCK
+    tensors loops to its own largest chunk count (``block_chunks``), not the list's: a huge tensor costs
+    only its own block the long loop."""
     eps = _as(epsilon, ACC)
     total = tl.zeros([T_BLOCK], ACC)
     for t0 in range(0, n, T_BLOCK):
@@ -170,7 +195,7 @@ def perturb_scale_kernel(partials, first_prog, n_chunks, norms, scales, n, max_c
         first = tl.load(first_prog + ts, mask=t_mask, other=0)
         count = tl.load(n_chunks + ts, mask=t_mask, other=0)  # 0 beyond n: nothing loaded
         acc = tl.zeros([T_BLOCK, C_BLOCK], ACC)
-        for c0 in range(0, max_chunks, C_BLOCK):
+        for c0 in range(0, tl.load(block_chunks + t0 // T_BLOCK), C_BLOCK):
             cs = c0 + tl.arange(0, C_BLOCK)
             acc += tl.load(partials + first[:, None] + cs[None, :], mask=cs[None, :] < count[:, None], other=0.0)
         sumsq = tl.sum(acc, axis=1)
@@ -213,22 +238,27 @@ def _apply_chunk(param, grad, backup, start, numel, zeta, scale, moves, MASKED: 
 @triton.jit
 def perturb_apply_kernel(param_ptrs, grad_ptrs, backup_ptrs, numels, prog_tensor, prog_offset, scales, prog_base,
                          inner_lr: tl.float64, FIRST: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
-                         ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                         CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Pass 3: params ← θ + scale·Δ, or exactly θ where scale is 0 (FIRST: also backups ← θ)."""
     _, t, start, numel = _program(prog_tensor, prog_offset, numels, prog_base, CHUNK)
     zeta = _as(inner_lr, COMPUTE)
-    param = _tensor_ptr(param_ptrs, t, DTYPE, ALIGNED)
-    grad = _tensor_ptr(grad_ptrs, t, DTYPE, ALIGNED)
-    backup = _tensor_ptr(backup_ptrs, t, DTYPE, ALIGNED)
+    param = tl.load(param_ptrs + t)
+    grad = tl.load(grad_ptrs + t)
+    backup = tl.load(backup_ptrs + t)
     scale_acc = tl.load(scales + t)
     moves = scale_acc != 0
     scale = scale_acc.to(COMPUTE)
     if start + CHUNK <= numel:
-        _apply_chunk(param, grad, backup, start, numel, zeta, scale, moves, False, FIRST, DTYPE, COMPUTE, CHUNK,
-                     BLOCK)
+        if _all_aligned(param, grad, backup, param):
+            _apply_chunk(_pointer(param, DTYPE, True), _pointer(grad, DTYPE, True), _pointer(backup, DTYPE, True),
+                         start, numel, zeta, scale, moves, False, FIRST, DTYPE, COMPUTE, CHUNK, BLOCK)
+        else:
+            _apply_chunk(_pointer(param, DTYPE, False), _pointer(grad, DTYPE, False),
+                         _pointer(backup, DTYPE, False), start, numel, zeta, scale, moves, False, FIRST, DTYPE,
+                         COMPUTE, CHUNK, BLOCK)
     else:
-        _apply_chunk(param, grad, backup, start, numel, zeta, scale, moves, True, FIRST, DTYPE, COMPUTE, CHUNK,
-                     BLOCK)
+        _apply_chunk(_pointer(param, DTYPE, False), _pointer(grad, DTYPE, False), _pointer(backup, DTYPE, False),
+                     start, numel, zeta, scale, moves, True, FIRST, DTYPE, COMPUTE, CHUNK, BLOCK)
 
 
 # -- restore_sgd_ and restore_: one pass each --------------------------------------------------------
@@ -265,23 +295,31 @@ def restore_sgd_kernel(param_ptrs, backup_ptrs, grad_ptrs, buf_ptrs, numels, pro
                        lr: tl.float64, momentum: tl.float64, one_minus_dampening: tl.float64,
                        weight_decay: tl.float64, MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr,
                        NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-                       DTYPE: tl.constexpr, COMPUTE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       DTYPE: tl.constexpr, COMPUTE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """params ← θ, then one torch.optim.SGD step on it with grads (buffers only touched when MOMENTUM)."""
     _, t, start, numel = _program(prog_tensor, prog_offset, numels, prog_base, CHUNK)
     lr_c = _as(lr, COMPUTE)
     momentum_c = _as(momentum, COMPUTE)
     one_minus_dampening_c = _as(one_minus_dampening, COMPUTE)
     weight_decay_c = _as(weight_decay, COMPUTE)
-    param = _tensor_ptr(param_ptrs, t, DTYPE, ALIGNED)
-    backup = _tensor_ptr(backup_ptrs, t, DTYPE, ALIGNED)
-    grad = _tensor_ptr(grad_ptrs, t, DTYPE, ALIGNED)
-    buf = _tensor_ptr(buf_ptrs, t, DTYPE, ALIGNED)  # without MOMENTUM the params' table stands in, unused
+    param = tl.load(param_ptrs + t)
+    backup = tl.load(backup_ptrs + t)
+    grad = tl.load(grad_ptrs + t)
+    buf = tl.load(buf_ptrs + t)  # without MOMENTUM the params' table stands in, unused
     if start + CHUNK <= numel:
-        _sgd_chunk(param, backup, grad, buf, start, numel, lr_c, momentum_c, one_minus_dampening_c, weight_decay_c,
-                   False, MOMENTUM, FIRST_STEP, NESTEROV, MAXIMIZE, WEIGHT_DECAY, DTYPE, COMPUTE, CHUNK, BLOCK)
+        if _all_aligned(param, backup, grad, buf):
+            _sgd_chunk(_pointer(param, DTYPE, True), _pointer(backup, DTYPE, True), _pointer(grad, DTYPE, True),
+                       _pointer(buf, DTYPE, True), start, numel, lr_c, momentum_c, one_minus_dampening_c,
+                       weight_decay_c, False, MOMENTUM, FIRST_STEP, NESTEROV, MAXIMIZE, WEIGHT_DECAY, DTYPE, COMPUTE,
+                       CHUNK, BLOCK)
+        else:
+            _sgd_chunk(_pointer(param, DTYPE, False), _pointer(backup, DTYPE, False), _pointer(grad, DTYPE, False),
+                       _pointer(buf, DTYPE, False), start, numel, lr_c, momentum_c, one_minus_dampening_c,
+                       weight_decay_c, False, MOMENTUM, FIRST_STEP, NESTEROV, MAXIMIZE, WEIGHT_DECAY, DTYPE, COMPUTE,
+                       CHUNK, BLOCK)
     else:
-        _sgd_chunk(param, backup, grad, buf, start, numel, lr_c, momentum_c, one_minus_dampening_c, weight_decay_c,
+        _sgd_chunk(_pointer(param, DTYPE, False), _pointer(backup, DTYPE, False), _pointer(grad, DTYPE, False),
+                   _pointer(buf, DTYPE, False), start, numel, lr_c, momentum_c, one_minus_dampening_c, weight_decay_c,
                    True, MOMENTUM, FIRST_STEP, NESTEROV, MAXIMIZE, WEIGHT_DECAY, DTYPE, COMPUTE, CHUNK, BLOCK)
 
 
@@ -295,12 +333,15 @@ def _copy_chunk(dst, src, start, numel, MASKED: tl.constexpr, CHUNK: tl.constexp
 
 @triton.jit
 def copy_kernel(dst_ptrs, src_ptrs, numels, prog_tensor, prog_offset, prog_base, WORD: tl.constexpr,
-                ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """dst ← src, moved as integer words of the element size: a bit-exact copy, NaN payloads included."""
     _, t, start, numel = _program(prog_tensor, prog_offset, numels, prog_base, CHUNK)
-    dst = _tensor_ptr(dst_ptrs, t, WORD, ALIGNED)
-    src = _tensor_ptr(src_ptrs, t, WORD, ALIGNED)
+    dst = tl.load(dst_ptrs + t)
+    src = tl.load(src_ptrs + t)
     if start + CHUNK <= numel:
-        _copy_chunk(dst, src, start, numel, False, CHUNK, BLOCK)
+        if _all_aligned(dst, src, dst, src):
+            _copy_chunk(_pointer(dst, WORD, True), _pointer(src, WORD, True), start, numel, False, CHUNK, BLOCK)
+        else:
+            _copy_chunk(_pointer(dst, WORD, False), _pointer(src, WORD, False), start, numel, False, CHUNK, BLOCK)
     else:
-        _copy_chunk(dst, src, start, numel, True, CHUNK, BLOCK)
+        _copy_chunk(_pointer(dst, WORD, False), _pointer(src, WORD, False), start, numel, True, CHUNK, BLOCK)

@@ -11,13 +11,22 @@ A launch covers many tensors through device tables instead of per-tensor argumen
   a tensor's chunks consecutively, so tensor ``t``'s per-program partial sums are
   ``partials[first_prog[t] : first_prog[t] + n_chunks[t]]``.
 
-The two are cached apart because they change apart: a layout only when a shape or dtype changes, a
-pointer table whenever a tensor is replaced (gradients set to ``None`` and re-allocated by the next
-backward, for instance). Either is rebuilt only when its key changes: the key holds everything the
-entry is computed from, so a hit is always correct, even for a tensor re-allocated at the same address.
+Two holders. An optimizer's plan holds a :class:`Held` per parameter list (through :func:`hold`): the
+layout, checked once per plan, and the pointer tables of the plan's own lists (params, backups), which do
+not change while the plan lives; the tables of the lists passed anew each step (gradients, momentum
+buffers) are rebuilt only when an address changes, so a step costs one ``data_ptr()`` per tensor. Calls
+without a plan go through :data:`CACHE`, keyed by everything an entry is computed from (the layout by each
+tensor's (dtype, shape, stride), a pointer table by the addresses), so a hit is always correct.
+
+Uploads: every table is built on the host and copied to the device in one copy; where CUDA is, from pinned
+memory with ``non_blocking=True`` (no host sync, capturable in a CUDA graph), and the pinned source is held
+with the entry, so it outlives the copy. Streams: an entry's device tensors are allocated on the stream
+current when it is built; used on another stream, they are ``record_stream``-ed on it once (so freeing an
+evicted entry waits for that stream's work), rather than cached per stream.
 """
 from __future__ import annotations
 
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
@@ -26,6 +35,8 @@ import torch
 
 # Elements per program. Tests derive their boundary sizes (CHUNK ± 1, several chunks) from it.
 CHUNK = 4096
+# Tensors the scale pass reduces at a time: the layout holds each such block's own largest chunk count.
+SCALE_T_BLOCK = 32
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -59,17 +70,54 @@ class DtypeGroup:
     num_programs: int
 
 
+class Upload:
+    """An int64 table on its device, the host tensor it was copied from (pinned where CUDA is: held as long
+    as the table, so it outlives the non-blocking copy) and the streams it has been used on."""
+
+    __slots__ = ("device_tensor", "host", "streams")
+
+    def __init__(self, host: torch.Tensor, device: torch.device):
+        if device.type == "cuda":
+            pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+            pinned.copy_(host)
+            self.host = pinned
+            self.device_tensor = pinned.to(device, non_blocking=True)
+            self.streams = {torch.cuda.current_stream(device)}
+        else:
+            self.host, self.device_tensor, self.streams = host, host.to(device), None
+
+    def use(self, stream) -> None:
+        """Before a launch on ``stream`` (None off CUDA): the caching allocator must not hand this memory to
+        the stream it was allocated on while ``stream`` may still read it."""
+        if stream is not None and stream not in self.streams:
+            self.device_tensor.record_stream(stream)
+            self.streams.add(stream)
+
+
+def current_stream(device: torch.device):
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+
+def _int64(values: Sequence[int]) -> torch.Tensor:
+    # Through an array: half the cost of torch.tensor(list) for a list of Python ints.
+    return torch.frombuffer(array("q", values), dtype=torch.int64) if len(values) else torch.empty(0, dtype=torch.int64)
+
+
 @dataclass(frozen=True)
 class Layout:
     device: torch.device
     num_tensors: int
     num_programs: int
-    max_chunks: int  # chunks of the largest tensor: the trip count of the per-tensor reduction
+    max_chunks: int  # chunks of the largest tensor
     groups: tuple  # of DtypeGroup, in order of first appearance in the list
-    # int64 device tensors (views of one buffer, so a build costs one host-to-device copy)
+    upload: Upload  # the one buffer the tables below are views of (a build costs one host-to-device copy)
+    # int64 device tensors
     numels: torch.Tensor  # [num_tensors]
     first_prog: torch.Tensor  # [num_tensors]
     n_chunks: torch.Tensor  # [num_tensors]
+    # [ceil(num_tensors / SCALE_T_BLOCK)]: the largest chunk count in each block of SCALE_T_BLOCK tensors (list
+    # order), the scale pass's trip count for that block
+    block_chunks: torch.Tensor
     prog_tensor: torch.Tensor  # [num_programs]
     prog_offset: torch.Tensor  # [num_programs]
 
@@ -87,6 +135,10 @@ def build_layout(spec: Spec, device: torch.device, list_name: str = "params") ->
     n = len(spec)
     numels = torch.tensor([shape.numel() for _, shape, _ in spec], dtype=torch.int64)
     n_chunks = (numels + (CHUNK - 1)) // CHUNK
+    num_blocks = -(-n // SCALE_T_BLOCK)
+    block_chunks = torch.zeros(num_blocks * SCALE_T_BLOCK, dtype=torch.int64)
+    block_chunks[:n] = n_chunks
+    block_chunks = block_chunks.view(num_blocks, SCALE_T_BLOCK).amax(1) if n else block_chunks
 
     group_dtypes = list(dict.fromkeys(dtype for dtype, _, _ in spec))
     group_of = torch.tensor([group_dtypes.index(dtype) for dtype, _, _ in spec], dtype=torch.int64)
@@ -110,32 +162,37 @@ def build_layout(spec: Spec, device: torch.device, list_name: str = "params") ->
         groups.append(DtypeGroup(dtype, base, count))
         base += count
 
-    packed = torch.cat([numels, first_prog, n_chunks, prog_tensor, prog_offset]).to(device)
-    numels_d, first_prog_d, n_chunks_d, prog_tensor_d, prog_offset_d = torch.split(
-        packed, [n, n, n, num_programs, num_programs])
+    upload = Upload(torch.cat([numels, first_prog, n_chunks, block_chunks, prog_tensor, prog_offset]), device)
+    numels_d, first_prog_d, n_chunks_d, block_chunks_d, prog_tensor_d, prog_offset_d = torch.split(
+        upload.device_tensor, [n, n, n, len(block_chunks), num_programs, num_programs])
     return Layout(
         device=device, num_tensors=n, num_programs=num_programs,
-        max_chunks=int(n_chunks.max()) if n else 0, groups=tuple(groups),
-        numels=numels_d, first_prog=first_prog_d, n_chunks=n_chunks_d,
+        max_chunks=int(n_chunks.max()) if n else 0, groups=tuple(groups), upload=upload,
+        numels=numels_d, first_prog=first_prog_d, n_chunks=n_chunks_d, block_chunks=block_chunks_d,
         prog_tensor=prog_tensor_d, prog_offset=prog_offset_d)
 
 
 class PointerTable(NamedTuple):
     table: torch.Tensor  # int64 data_ptr() of every tensor, on the tensors' device
-    aligned: bool  # every address is a multiple of 16 bytes (the kernels may then use vector accesses)
+    upload: Upload
+    addresses: list  # what it holds, as Python ints
 
 
-def build_pointer_table(tensors: Sequence[torch.Tensor], device: torch.device, list_name: str) -> PointerTable:
+def build_pointer_table(tensors: Sequence[torch.Tensor], device: torch.device, list_name: str,
+                        addresses: list | None = None) -> PointerTable:
     for i, t in enumerate(tensors):
         if t.device != device:
             raise ValueError(f"triton backend: {list_name}[{i}] is on {t.device} but params[0] is on {device}; "
                              "one launch covers the whole list, so every tensor must be on one device")
-    addresses = [t.data_ptr() for t in tensors]
-    return PointerTable(torch.tensor(addresses, dtype=torch.int64).to(device), all(a % 16 == 0 for a in addresses))
+    if addresses is None:
+        addresses = list(map(torch.Tensor.data_ptr, tensors))
+    upload = Upload(_int64(addresses), device)
+    return PointerTable(upload.device_tensor, upload, addresses)
 
 
 class MetadataCache:
-    """Least-recently-used caches of layouts and pointer tables, with build counters."""
+    """Least-recently-used caches of layouts and pointer tables, with build counters (which the plan-held
+    tables of :class:`Held` count in as well)."""
 
     def __init__(self, max_layouts: int = 32, max_pointer_tables: int = 128):
         self.max_layouts = max_layouts
@@ -166,9 +223,9 @@ class MetadataCache:
     def pointer_table(self, tensors: Sequence[torch.Tensor], device: torch.device, list_name: str) -> PointerTable:
         # The addresses are the whole content of a table; dtypes and shapes are checked against the
         # layout's spec by the caller on every call.
-        key = (device, tuple(t.data_ptr() for t in tensors))
-        table, built = self._get(self._tables, key, self.max_pointer_tables,
-                                 lambda: build_pointer_table(tensors, device, list_name))
+        addresses = list(map(torch.Tensor.data_ptr, tensors))
+        table, built = self._get(self._tables, (device, tuple(addresses)), self.max_pointer_tables,
+                                 lambda: build_pointer_table(tensors, device, list_name, addresses))
         self.pointer_table_builds += built
         return table
 
@@ -178,3 +235,48 @@ class MetadataCache:
 
 
 CACHE = MetadataCache()
+
+
+class Held:
+    """What a plan holds for one list of parameters: their layout (built, and so checked, once) and the pointer
+    tables of the plan's own lists, ``params`` and ``backups``, whose tensors do not change while the plan
+    lives. Other lists (gradients, momentum buffers) keep one table per list name, rebuilt when an address
+    changes: their dtypes, shapes and layouts are the plan's business (it checks the gradients each step and
+    converts momentum buffers to their parameter's layout), their addresses are checked here on every call."""
+
+    def __init__(self, params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor], cache: MetadataCache):
+        device = params[0].device
+        self.cache = cache  # its build counters count these builds too
+        self.layout = build_layout(spec_of(params), device)
+        self.backups = backups  # the plan's list object: passed again as is, it needs no check
+        self.tables = {"params": build_pointer_table(params, device, "params"),
+                       "backups": build_pointer_table(backups, device, "backups")}
+        cache.layout_builds += 1
+        cache.pointer_table_builds += 2
+        self._fixed = {"params": self.tables["params"], "backups": self.tables["backups"]}
+
+    def pointer_table(self, tensors: Sequence[torch.Tensor], device: torch.device, list_name: str) -> PointerTable:
+        if list_name == "params" or (list_name == "backups" and tensors is self.backups):
+            return self._fixed[list_name]
+        addresses = list(map(torch.Tensor.data_ptr, tensors))
+        table = self.tables.get(list_name)
+        if table is None or table.addresses != addresses:
+            table = self.tables[list_name] = build_pointer_table(tensors, device, list_name, addresses)
+            self.cache.pointer_table_builds += 1
+        return table
+
+
+class HeldTensors(tuple):
+    """A plan's parameter list (a tuple: it cannot change) carrying its :class:`Held` tables as ``held``. Copied
+    or pickled, it is a plain tuple: the tables hold addresses of these very tensors."""
+
+    held: Held
+
+    def __reduce__(self):
+        return tuple, (tuple(self),)
+
+
+def hold(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor], cache: MetadataCache) -> HeldTensors:
+    held = HeldTensors(params)
+    held.held = Held(held, backups, cache)
+    return held

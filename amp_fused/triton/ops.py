@@ -2,6 +2,9 @@
 
 Semantics of the ops: :mod:`amp_fused.backends`. Launches per call, with G dtype groups in the list:
 ``perturb_`` 2G + 1 (sums of squares, scales, apply), ``restore_`` G, ``restore_sgd_`` G.
+
+A list from :func:`hold` (what the optimizer's plan passes) carries its layout and tables, so a call costs one
+``data_ptr()`` per tensor of the lists it did not hold; any other list goes through the metadata cache.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ from typing import Sequence
 import torch
 
 from .. import _compat
-from .metadata import CACHE, CHUNK, spec_of
+from . import metadata
+from .metadata import CACHE, CHUNK, SCALE_T_BLOCK, current_stream, spec_of
 
 # Read once, like Triton's own switch: whether CPU tensors may run (under Triton's interpreter).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -35,8 +39,9 @@ SUMSQ = PassConfig(block=4096, num_warps=8)
 APPLY = PassConfig(block=2048, num_warps=8)
 SGD = PassConfig(block=2048, num_warps=8)
 COPY = PassConfig(block=4096, num_warps=8)
-# The scale pass is one program: tensors T_BLOCK at a time, their partial sums C_BLOCK at a time.
-SCALE_T_BLOCK, SCALE_C_BLOCK, SCALE_NUM_WARPS = 32, 64, 4
+# The scale pass is one program: tensors SCALE_T_BLOCK at a time (metadata: the layout holds each block's
+# trip count), their partial sums SCALE_C_BLOCK at a time.
+SCALE_C_BLOCK, SCALE_NUM_WARPS = 64, 4
 
 for _config in (SUMSQ, APPLY, SGD, COPY):
     assert CHUNK % _config.block == 0, "a program's chunk must be whole vector steps"
@@ -123,15 +128,28 @@ def _acc_type():
     return tl.float64
 
 
+def hold(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor]):
+    """``params`` as a tuple that holds its layout and its and ``backups``' pointer tables (for the optimizer's
+    plan, which keeps both lists unchanged; see :class:`metadata.Held`). Checks the layout once, here."""
+    return metadata.hold(params, backups, CACHE)
+
+
 def _prepare(**lists: Sequence[torch.Tensor]):
-    """The layout of ``params``, a pointer table per list, and whether every address is 16-byte aligned. The
-    lists were checked against each other by the op layer (:mod:`amp_fused.checks`), so the layout of
-    ``params`` addresses every list."""
+    """The layout of ``params`` and a pointer table per list. The lists were checked against each other by the
+    op layer (:mod:`amp_fused.checks`) or by the plan that holds them, so the layout of ``params`` addresses
+    every list."""
     params = lists["params"]
     device = params[0].device
-    layout = CACHE.layout(spec_of(params), device)
-    tables = [CACHE.pointer_table(tensors, device, name) for name, tensors in lists.items()]
-    return layout, [t.table for t in tables], all(t.aligned for t in tables)
+    held = getattr(params, "held", None)
+    source = CACHE if held is None else held
+    layout = CACHE.layout(spec_of(params), device) if held is None else held.layout
+    tables = [source.pointer_table(tensors, device, name) for name, tensors in lists.items()]
+    stream = current_stream(device)
+    if stream is not None:
+        layout.upload.use(stream)
+        for table in tables:
+            table.upload.use(stream)
+    return layout, [t.table for t in tables]
 
 
 def _device_guard(device: torch.device):
@@ -145,7 +163,7 @@ def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first):
         return torch.zeros(1)
     device = params[0].device
     k = _kernels_for(device)
-    layout, (param_table, grad_table, backup_table), aligned = _prepare(params=params, grads=grads, backups=backups)
+    layout, (param_table, grad_table, backup_table) = _prepare(params=params, grads=grads, backups=backups)
     acc = _acc_type()
     partials = torch.empty(layout.num_programs, dtype=ACC_DTYPE, device=device)
     scales = torch.empty(layout.num_tensors, dtype=ACC_DTYPE, device=device)
@@ -157,10 +175,10 @@ def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first):
                 storage, compute, _ = _triton_types(group.dtype)
                 k.perturb_sumsq_kernel[(group.num_programs,)](
                     *tensor_args, partials, group.prog_base, float(inner_lr), FIRST=bool(first), DTYPE=storage,
-                    COMPUTE=compute, ACC=acc, ALIGNED=aligned, CHUNK=CHUNK, BLOCK=SUMSQ.block,
+                    COMPUTE=compute, ACC=acc, CHUNK=CHUNK, BLOCK=SUMSQ.block,
                     num_warps=SUMSQ.num_warps)
         k.perturb_scale_kernel[(1,)](
-            partials, layout.first_prog, layout.n_chunks, norms, scales, layout.num_tensors, layout.max_chunks,
+            partials, layout.first_prog, layout.n_chunks, layout.block_chunks, norms, scales, layout.num_tensors,
             float(epsilon), PER_TENSOR=bool(per_tensor), ACC=acc, T_BLOCK=SCALE_T_BLOCK, C_BLOCK=SCALE_C_BLOCK,
             num_warps=SCALE_NUM_WARPS)
         for group in layout.groups:
@@ -168,7 +186,7 @@ def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first):
                 storage, compute, _ = _triton_types(group.dtype)
                 k.perturb_apply_kernel[(group.num_programs,)](
                     *tensor_args, scales, group.prog_base, float(inner_lr), FIRST=bool(first), DTYPE=storage,
-                    COMPUTE=compute, ALIGNED=aligned, CHUNK=CHUNK, BLOCK=APPLY.block, num_warps=APPLY.num_warps)
+                    COMPUTE=compute, CHUNK=CHUNK, BLOCK=APPLY.block, num_warps=APPLY.num_warps)
     # The kernels write through raw pointers: tell autograd the tensors changed in place.
     _compat.increment_version(params)
     if first:
@@ -182,14 +200,14 @@ def restore_(params, backups):
         return
     device = params[0].device
     k = _kernels_for(device)
-    layout, (param_table, backup_table), aligned = _prepare(params=params, backups=backups)
+    layout, (param_table, backup_table) = _prepare(params=params, backups=backups)
     with _device_guard(device):
         for group in layout.groups:
             if group.num_programs:
                 _, _, word = _triton_types(group.dtype)
                 k.copy_kernel[(group.num_programs,)](
                     param_table, backup_table, layout.numels, layout.prog_tensor, layout.prog_offset,
-                    group.prog_base, WORD=word, ALIGNED=aligned, CHUNK=CHUNK, BLOCK=COPY.block,
+                    group.prog_base, WORD=word, CHUNK=CHUNK, BLOCK=COPY.block,
                     num_warps=COPY.num_warps)
     _compat.increment_version(params)
 
@@ -203,11 +221,10 @@ def restore_sgd_(params, backups, grads, momentum_buffers, lr, momentum, dampeni
     k = _kernels_for(device)
     uses_buffers = momentum != 0
     if uses_buffers:
-        layout, (param_table, backup_table, grad_table, buf_table), aligned = _prepare(
+        layout, (param_table, backup_table, grad_table, buf_table) = _prepare(
             params=params, backups=backups, grads=grads, momentum_buffers=momentum_buffers)
     else:
-        layout, (param_table, backup_table, grad_table), aligned = _prepare(params=params, backups=backups,
-                                                                            grads=grads)
+        layout, (param_table, backup_table, grad_table) = _prepare(params=params, backups=backups, grads=grads)
         buf_table = param_table  # never read without momentum
     with _device_guard(device):
         for group in layout.groups:
@@ -218,7 +235,7 @@ def restore_sgd_(params, backups, grads, momentum_buffers, lr, momentum, dampeni
                     layout.prog_offset, group.prog_base, float(lr), float(momentum), 1.0 - float(dampening),
                     float(weight_decay), MOMENTUM=uses_buffers, FIRST_STEP=bool(first_step),
                     NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), WEIGHT_DECAY=weight_decay != 0,
-                    DTYPE=storage, COMPUTE=compute, ALIGNED=aligned, CHUNK=CHUNK, BLOCK=SGD.block,
+                    DTYPE=storage, COMPUTE=compute, CHUNK=CHUNK, BLOCK=SGD.block,
                     num_warps=SGD.num_warps)
     _compat.increment_version(params)
     if uses_buffers:

@@ -97,7 +97,6 @@ def test_every_launched_specialisation_compiles_for_sm90(tmp_path):
     kernels_seen = {s["kernel"] for s in specs}
     assert kernels_seen == {"perturb_sumsq_kernel", "perturb_scale_kernel", "perturb_apply_kernel",
                             "restore_sgd_kernel", "copy_kernel"}
-    assert {s["constexprs"]["ALIGNED"] for s in specs if "ALIGNED" in s["constexprs"]} == {True, False}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     root = os.path.dirname(os.path.dirname(os.path.abspath(amp_fused.__file__)))
@@ -110,5 +109,6 @@ def test_every_launched_specialisation_compiles_for_sm90(tmp_path):
     for r in results:
         assert r["cubin_bytes"] > 0
         assert not r["local_memory"], f"{r['spec']} spills to local memory"
-        if r["spec"]["constexprs"].get("ALIGNED"):
-            assert r["vector_loads"] > 0, f"{r['spec']}: full chunks should use 16-byte vector loads"
+        if r["spec"]["kernel"] != "perturb_scale_kernel":
+            # every per-tensor kernel holds the path of aligned tensors (chosen per tensor at run time)
+            assert r["vector_loads"] > 0, f"{r['spec']}: full aligned chunks should use 16-byte vector loads"
