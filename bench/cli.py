@@ -1,4 +1,4 @@
-"""The ``python -m bench`` command line: machine, optimizer_step and train_step sections; table, JSON, PNG."""
+"""The ``python -m bench`` command line: machine, optimizer_step, train_step and host sections; table, JSON, PNG."""
 from __future__ import annotations
 
 import argparse
@@ -13,10 +13,11 @@ import torch
 
 from amp_fused import backends
 
-from . import optimizer_step, report, train_step
+from . import host, optimizer_step, report, train_step
 from .machine import machine_info
 
-SECTIONS = ("optimizer_step", "train_step")
+SECTIONS = ("optimizer_step", "train_step", "host", "quality")
+DEFAULT_SECTIONS = ("optimizer_step", "train_step")  # host, quality: on request (--sections host,quality)
 DEVICES = ("cpu", "cuda")
 # (rounds, optimizer_step min_run_time, train_step min_run_time): full run, then --quick
 FULL_TIMING = (5, 0.5, 1.5)
@@ -29,6 +30,8 @@ class Config:
     backends: list[str]
     sections: list[str]
     sets: list[str]
+    host_sets: list[str]
+    host_backends: list[str]
     skipped_sets: list[str]
     models: list[str]
     rounds: int
@@ -52,9 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="AMP backends to time (default: every one available for --device, reference included); "
                              "the torch.optim.SGD(fused=True) row 'sgd_fused' is always timed")
     parser.add_argument("--device", default="cpu", choices=DEVICES, help="where the tensors live (default: cpu)")
-    parser.add_argument("--sections", metavar="A,B", help=f"sections to run (default: {','.join(SECTIONS)})")
+    parser.add_argument("--sections", metavar="A,B",
+                        help=f"sections to run, of {','.join(SECTIONS)} (default: {','.join(DEFAULT_SECTIONS)})")
     parser.add_argument("--sets", metavar="A,B,...",
                         help=f"optimizer_step parameter sets (default: {','.join(optimizer_step.PARAM_SETS)})")
+    parser.add_argument("--host-sets", metavar="A,B,...",
+                        help=f"host parameter sets (default: {','.join(host.HOST_SETS)}; quick "
+                             f"{','.join(host.QUICK_HOST_SETS)})")
     parser.add_argument("--models", metavar="A,B",
                         help=f"train_step models (default: {','.join(train_step.MODELS)})")
     parser.add_argument("--rounds", type=int, metavar="N",
@@ -65,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{FULL_TIMING[1]}, train_step {FULL_TIMING[2]}; quick {QUICK_TIMING[1]}, "
                              f"{QUICK_TIMING[2]})")
     parser.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--cache", type=Path, metavar="DIR", default=Path("out/quality/cache"),
+                        help="quality: directory of cached training runs (default out/quality/cache); --plot PATH puts "
+                             "its two plots beside PATH, else in out/quality")
     return parser
 
 
@@ -107,10 +117,17 @@ def resolve_config(args, parser) -> Config:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: 'cuda' needs a CUDA device and torch.cuda.is_available() is False here; "
                      "allowed on this machine: cpu")
+    sections = _names(parser, "--sections", args.sections, SECTIONS, DEFAULT_SECTIONS)
     allowed_backends = benchmark_backends(args.device)
-    names = _names(parser, "--backends", args.backends, allowed_backends, allowed_backends,
+    # The host section also times Triton on CPU tensors, with its launches stubbed out (bench/host.py), so a
+    # run of that section alone may name it.
+    all_host_backends = host.host_backends(args.device) if "host" in sections else []
+    names = _names(parser, "--backends", args.backends,
+                   all_host_backends if sections == ["host"] else allowed_backends, allowed_backends,
                    lambda name: _why_not(args.device, name), where=f" with --device {args.device}")
-    sections = _names(parser, "--sections", args.sections, SECTIONS, SECTIONS)
+    host_sets = _names(parser, "--host-sets", args.host_sets, list(host.HOST_SETS),
+                       host.QUICK_HOST_SETS if args.quick else list(host.HOST_SETS))
+    host_backends = [n for n in all_host_backends if args.backends is None or n in names]
     all_sets = list(optimizer_step.PARAM_SETS)
     default_sets = optimizer_step.QUICK_SETS if args.quick else all_sets
     sets = _names(parser, "--sets", args.sets, all_sets, default_sets)
@@ -126,7 +143,8 @@ def resolve_config(args, parser) -> Config:
         optimizer_time = train_time = args.min_run_time
     if args.threads is not None and args.threads < 1:
         parser.error(f"argument --threads: must be an int >= 1, got {args.threads}")
-    return Config(device=args.device, backends=names, sections=sections, sets=sets,
+    return Config(device=args.device, backends=names, sections=sections, sets=sets, host_sets=host_sets,
+                  host_backends=host_backends,
                   skipped_sets=[s for s in all_sets if s not in sets] if args.sets is None else [],
                   models=models, rounds=rounds, optimizer_min_run_time=optimizer_time,
                   train_min_run_time=train_time, threads=args.threads or torch.get_num_threads(), quick=args.quick)
@@ -181,12 +199,23 @@ def main(argv=None) -> int:
         result["train_step_fastest_backend"] = fastest
         print(report.train_step_text(train_rows, why) + "\n", flush=True)
 
+    if "host" in config.sections:
+        rows = host.measure(config.host_sets, config.host_backends, config.device, config.rounds,
+                            config.optimizer_min_run_time, progress)
+        result["host"] = host.to_json(rows)
+        print(host.host_text(result["host"]) + "\n", flush=True)
+
+    if "quality" in config.sections:
+        from . import quality  # trains for up to 40 minutes (--quick: a few): only on request
+
+        result["quality"] = quality.bench_section(config.quick, args.cache, args.plot, progress)
+
     result["wall_seconds"] = time.perf_counter() - started
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")
         progress(f"wrote {args.json}")
-    if args.plot is not None:
+    if args.plot is not None and (optimizer_rows or train_rows):  # quality draws its own plots beside PATH
         report.plot(args.plot, optimizer_rows, train_rows,
                     f"amp_fused benchmarks on {machine['cpu']} ({config.threads} threads, {config.device}), "
                     f"{machine['date']}")

@@ -1,6 +1,7 @@
 """The ``python -m bench`` command line, run in-process on tiny configurations (no timing value is asserted)."""
 import contextlib
 import importlib.metadata
+import importlib.util
 import io
 import json
 import math
@@ -16,7 +17,7 @@ if str(ROOT) not in sys.path:  # bench/ is a top-level package of the repository
 
 from amp_fused import backends  # noqa: E402
 from amp_fused.profiling import DispatchCounter  # noqa: E402
-from bench import cli  # noqa: E402
+from bench import cli, host  # noqa: E402
 
 AMP_BYTES, SGD_BYTES = 40, 20  # per fp32 parameter, as bench/optimizer_step.py's docstring derives them
 OPTIMIZER_KEYS = {"params": str, "tensors": int, "numel": int, "backend": str, "ms": float, "gbps": float,
@@ -211,3 +212,27 @@ def test_triton_on_cpu_is_not_benchmarked(monkeypatch, capsys):
         cli.resolve_config(parser.parse_args(["--backends", "triton"]), parser)
     assert ("argument --backends: 'triton' is not available (on CPU tensors it runs in Triton's interpreter"
             in capsys.readouterr().err)
+
+
+def test_host_section_times_every_backend_and_triton_up_to_its_launches(tmp_path):
+    """On CPU tensors Triton runs only in its interpreter, so its rows are timed with the launches stubbed out
+    (a real launch on CPU tensors without the interpreter raises): every op of every backend, the target beside
+    the triton rows."""
+    stdout = run_main(["--sections", "host", "--host-sets", "small_1000", "--rounds", "1", "--min-run-time", "0.01",
+                       "--json", str(tmp_path / "h.json")])
+    rows = json.loads((tmp_path / "h.json").read_text())["host"]
+    names = host.host_backends("cpu")
+    assert "triton" in names or importlib.util.find_spec("triton") is None
+    assert [(r["backend"], r["op"]) for r in rows] == [(b, op) for b in names for op in host.OPS]
+    for r in rows:
+        assert r["tensors"] == 1000 and r["call_us"] > 0 and r["op_us"] > 0 and r["samples"] >= 1
+        assert r["op_us_per_tensor"] == pytest.approx(r["op_us"] / 1000)
+        if r["backend"] == "triton":
+            assert r["launches_stubbed"]
+            assert r["target_us"] == pytest.approx(host.TARGET_US + 1000 * host.TARGET_US_PER_TENSOR)
+            assert r["meets_target"] == (r["op_us"] <= r["target_us"])
+        else:
+            assert not r["launches_stubbed"] and r["target_us"] is None
+    assert "host: host time per op call" in stdout and "target us" in stdout
+    if "triton" in names:
+        assert "triton (no launch)" in stdout
