@@ -11,9 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # bench/ is a top-level package of the repository, not part of the installed one
-    sys.path.insert(0, str(ROOT))
 
 from amp_fused import backends  # noqa: E402
 from amp_fused.profiling import DispatchCounter  # noqa: E402

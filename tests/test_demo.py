@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # bench/ is a top-level package of the repository, not part of the installed one
-    sys.path.insert(0, str(ROOT))
 
 from bench import demo, quality  # noqa: E402
 
