@@ -283,8 +283,8 @@ def _ensure_cuda() -> None:
 # They check the op's argument contract (amp_fused.checks, the one Python definition of what the kernels check),
 # so a traced call fails where an eager one would; without the memory-overlap part, as traced tensors have no
 # memory.
-def _fake_perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first):
-    checks.check_perturb(params, grads, backups, epsilon, inner_lr, overlap=False)
+def _fake_perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first, surface=False, eta=None):
+    checks.check_perturb(params, grads, backups, epsilon, inner_lr, first=first, eta=eta, overlap=False)
     device = params[0].device if params else torch.device("cpu")
     return torch.empty(len(params) + 1, dtype=torch.float32, device=device)
 

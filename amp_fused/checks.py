@@ -19,8 +19,9 @@ The contract, in the order it is checked (the first failure raises; every messag
 ``amp_fused.<op>: ``):
 
 1. every list has as many tensors as ``params`` (``ValueError``);
-2. the scalars: ``epsilon``, ``inner_lr``, ``lr``, ``momentum``, ``weight_decay`` finite and >= 0,
-   ``dampening`` finite (``ValueError``; a value that is not a number at all: ``TypeError``);
+2. the scalars: ``epsilon``, ``inner_lr``, ``eta`` (when given), ``lr``, ``momentum``, ``weight_decay`` finite
+   and >= 0, ``dampening`` finite (``ValueError``; a value that is not a number at all: ``TypeError``); ``eta``
+   only with ``first=True`` (``ValueError``);
 3. index by index, list by list (``params`` first), each tensor: is a tensor (``TypeError``), is strided,
    not sparse (``TypeError``), has a supported dtype (``params`` only; ``TypeError``), is on ``params[0]``'s
    device (``ValueError``), has ``params[i]``'s shape and dtype (the other lists; ``ValueError``), fills a
@@ -48,6 +49,10 @@ __all__ = ["SUPPORTED_DTYPES", "check_lists", "check_perturb", "check_restore", 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _SUPPORTED = frozenset(SUPPORTED_DTYPES)
 _SUPPORTED_TEXT = "torch.float32, torch.float64, torch.float16 and torch.bfloat16"
+
+# eta with a later ascent (C++: the same text in csrc/checks.h).
+ETA_NEEDS_FIRST = ("amp_fused.perturb_: eta (ASAM's element weights) needs first=True; the weighted ascent is one "
+                   "step from θ")
 
 # (name, tensors, written)
 NamedList = Tuple[str, Sequence[torch.Tensor], bool]
@@ -212,12 +217,17 @@ def check_lists(op: str, lists: Sequence[NamedList], *, overlap: bool = True) ->
     _check_tensors(op, lists, overlap)
 
 
-def check_perturb(params, grads, backups, epsilon, inner_lr, *, overlap: bool = True) -> None:
-    """The contract of ``perturb_``."""
+def check_perturb(params, grads, backups, epsilon, inner_lr, *, first: bool = True, eta=None,
+                  overlap: bool = True) -> None:
+    """The contract of ``perturb_`` (``eta``: ASAM's element weights, ``None`` for none; only with ``first``)."""
     lists = (("params", params, True), ("grads", grads, False), ("backups", backups, True))
     _check_lengths("perturb_", lists)
     _check_scalar("perturb_", "epsilon", epsilon)
     _check_scalar("perturb_", "inner_lr", inner_lr)
+    if eta is not None:
+        _check_scalar("perturb_", "eta", eta)
+        if not first:
+            raise ValueError(ETA_NEEDS_FIRST)
     _check_tensors("perturb_", lists, overlap)
 
 

@@ -54,14 +54,17 @@ def real_views(tensors: Tensors) -> list:
 
 
 def perturb_(params: Tensors, grads: Tensors, backups: Tensors, epsilon: float, inner_lr: float,
-             per_tensor: bool = True, first: bool = True, *, backend="auto", validate: bool = True) -> torch.Tensor:
-    """One ascent of Algorithm 1 in place on ``params``; returns the fp32 norms of Δ."""
+             per_tensor: bool = True, first: bool = True, surface: bool = False, eta: float | None = None, *,
+             backend="auto", validate: bool = True) -> torch.Tensor:
+    """One ascent of Algorithm 1 in place on ``params``; returns the fp32 norms of Δ (``surface``: Δ on the
+    ε-sphere, SAM; ``eta``: ASAM's element weights |θ| + η)."""
     if validate:
         params, grads, backups = real_views(params), real_views(grads), real_views(backups)
         if _checking(validate, params):
-            checks.check_perturb(params, grads, backups, epsilon, inner_lr)
+            checks.check_perturb(params, grads, backups, epsilon, inner_lr, first=bool(first), eta=eta)
     return resolve(backend, params).perturb_(params, grads, backups, float(epsilon), float(inner_lr),
-                                             bool(per_tensor), bool(first))
+                                             bool(per_tensor), bool(first), bool(surface),
+                                             None if eta is None else float(eta))
 
 
 def restore_(params: Tensors, backups: Tensors, *, backend="auto", validate: bool = True) -> None:

@@ -3,12 +3,14 @@
 // fp64. Each kernel loads its storage type, converts to T, calls these, and converts back.
 // The element functions also take a value type `V` apart from the scalar type `T` of the per-tensor
 // coefficients: V = T for one element (CUDA), V = at::vec::Vectorized<T> for a SIMD register of them (CPU).
-// So they use only +, -, * and unary - on V and V(T) broadcasts, and decide every branch on scalars.
+// So they use only +, -, * and unary - on V, V(T) broadcasts and magnitude() (|x|, the one function with a
+// scalar and a SIMD form), and decide every branch on scalars.
 #pragma once
 
 #include <c10/macros/Macros.h>
 
 #include <cmath>
+#include <type_traits>
 
 namespace amp_fused {
 
@@ -26,13 +28,37 @@ C10_HOST_DEVICE inline bool is_finite(T x) {
 #endif
 }
 
-// min(1, ε / (‖Δ‖ + 1e-12)); 0 when ‖Δ‖ is not finite, which drops the tensor's Δ (see perturbed_value).
+// |x| of a scalar or, elementwise, of a SIMD register (fabs: a NaN stays NaN, -0 becomes +0).
+template <typename V>
+C10_HOST_DEVICE inline V magnitude(V x) {
+  if constexpr (std::is_floating_point_v<V>) {
+#if defined(__CUDACC__) || defined(__HIPCC__)
+    if constexpr (std::is_same_v<V, float>) {
+      return ::fabsf(x);
+    } else {
+      return ::fabs(x);
+    }
+#else
+    return std::fabs(x);
+#endif
+  } else {
+    return x.abs();  // at::vec::Vectorized
+  }
+}
+
+// The projection scale of a tensor (or of all of them) from the governing norm ‖u‖:
+//   ball (surface = false, AMP): min(1, ε / (‖u‖ + 1e-12));
+//   sphere (surface = true, SAM): ε / (‖u‖ + 1e-12), which may exceed 1; 0 when that overflows.
+// 0 when ‖u‖ is not finite, which drops the tensor's Δ (see perturbed_value).
 template <typename T>
-C10_HOST_DEVICE inline T projection_scale(T norm, T epsilon) {
+C10_HOST_DEVICE inline T projection_scale(T norm, T epsilon, bool surface) {
   if (!is_finite(norm)) {
     return T(0);
   }
   const T scale = epsilon / (norm + static_cast<T>(kNormEps));
+  if (surface) {
+    return is_finite(scale) ? scale : T(0);
+  }
   return scale < T(1) ? scale : T(1);
 }
 
@@ -47,6 +73,25 @@ C10_HOST_DEVICE inline V ascent_delta(V param, V backup, V grad, T inner_lr, boo
 template <typename V, typename T>
 C10_HOST_DEVICE inline V perturbed_value(V backup, V delta, T scale) {
   return scale == T(0) ? backup : backup + V(scale) * delta;
+}
+
+// ---- ASAM's weighted ascent (eta given; first ascents only) -----------------------------------------------
+// The element weight T = |θ| + η, in the compute type.
+template <typename V, typename T>
+C10_HOST_DEVICE inline V element_weight(V theta, T eta) {
+  return magnitude(theta) + V(eta);
+}
+
+// The ascent variable u = ζ·(T·g), whose norm the projection uses and the op returns.
+template <typename V, typename T>
+C10_HOST_DEVICE inline V weighted_ascent(V weight, V grad, T inner_lr) {
+  return V(inner_lr) * (weight * grad);
+}
+
+// θ + scale·(T·u); a zero scale returns θ itself, as perturbed_value does.
+template <typename V, typename T>
+C10_HOST_DEVICE inline V weighted_perturbed_value(V theta, V weight, V u, T scale) {
+  return scale == T(0) ? theta : theta + V(scale) * (weight * u);
 }
 
 // One torch.optim.SGD update of a single element, applied to θ (the restored parameter).

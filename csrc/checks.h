@@ -5,8 +5,8 @@
 // Python checks (validate=False, or torch.ops.amp_fused.* directly) fails exactly as a validated call does.
 // Everything is checked before anything is written. In order, the first failure raising:
 //   1. every list has as many tensors as params (ValueError);
-//   2. the scalars (epsilon, inner_lr, lr, momentum, weight_decay finite and >= 0; dampening finite)
-//      (ValueError);
+//   2. the scalars (epsilon, inner_lr, eta when given, lr, momentum, weight_decay finite and >= 0; dampening
+//      finite; eta only with first) (ValueError);
 //   3. index by index, list by list (params first), each tensor: defined (TypeError), strided (TypeError), a
 //      supported dtype (params only; TypeError), on params[0]'s device (ValueError), params[i]'s shape and
 //      dtype (the other lists; ValueError), dense and, for the other lists, laid out like params[i]
@@ -29,6 +29,7 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
 
 #include <algorithm>
 #include <cmath>
@@ -253,14 +254,23 @@ inline void check_lists(const char* op, std::initializer_list<NamedList> lists) 
 
 // ---- the contract of each op ----------------------------------------------------------------------------
 
+// eta with a later ascent (Python: amp_fused.checks.ETA_NEEDS_FIRST, the same text).
+constexpr const char* kEtaNeedsFirst =
+    "amp_fused.perturb_: eta (ASAM's element weights) needs first=True; the weighted ascent is one step from θ";
+
+// eta: ASAM's element weights (nullopt: none), allowed with the first ascent only.
 inline void check_perturb(at::TensorList params, at::TensorList grads, at::TensorList backups, double epsilon,
-                          double inner_lr) {
+                          double inner_lr, bool first = true, c10::optional<double> eta = c10::nullopt) {
   constexpr const char* op = "perturb_";
   const std::initializer_list<NamedList> lists = {
       {"params", params, true}, {"grads", grads, false}, {"backups", backups, true}};
   check_lengths(op, lists);
   check_scalar(op, "epsilon", epsilon);
   check_scalar(op, "inner_lr", inner_lr);
+  if (eta.has_value()) {
+    check_scalar(op, "eta", *eta);
+    TORCH_CHECK_VALUE(first, kEtaNeedsFirst);
+  }
   check_tensors(op, lists);
 }
 

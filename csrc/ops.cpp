@@ -8,7 +8,7 @@
 TORCH_LIBRARY(amp_fused, m) {
   m.def(
       "perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, float epsilon, float inner_lr, "
-      "bool per_tensor, bool first) -> Tensor");
+      "bool per_tensor, bool first, bool surface=False, float? eta=None) -> Tensor");
   m.def("restore_(Tensor(a!)[] params, Tensor[] backups) -> ()");
   m.def(
       "restore_sgd_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor(b!)[] momentum_buffers, "

@@ -3,11 +3,13 @@
 Written from the op table's text (README "Backends", ``amp_fused/backends/__init__.py``), not by calling
 any backend: each function takes what the op reads and returns, in float64, what the op must produce.
 
-``perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first) -> norms``
+``perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first, surface, eta) -> norms``
     first ascent Δ = ζ·g (θ = params), later ascents Δ = (params − θ) + ζ·g with θ the parameters the first
     ascent saved; scale = min(1, ε / (‖Δ‖ + NORM_EPS)) per tensor or once over all tensors; a governing
     norm that is not finite drops Δ (that tensor's, or for the global norm every tensor's); params ← θ +
-    scale·Δ; returns ‖Δ‖ before projection, per tensor, then over all tensors.
+    scale·Δ; returns ‖Δ‖ before projection, per tensor, then over all tensors. ``surface`` (SAM): scale =
+    ε / (‖Δ‖ + NORM_EPS), no min. ``eta`` (ASAM, first ascents): T = |θ| + η, u = ζ·T·g is what is normed
+    and projected, params ← θ + scale·T·u.
 ``restore_(params, backups)``: params ← θ.
 ``restore_sgd_(...)``: params ← θ, then one ``torch.optim.SGD`` step (maximize, weight_decay, momentum
     with ``first_step`` initialising the buffer to d_p, dampening, nesterov).
@@ -31,12 +33,14 @@ Tensors = Sequence[torch.Tensor]
 
 
 # -- the definition -------------------------------------------------------------------------------------------
-def projection_scale(epsilon: float, norm: float) -> float:
-    """The factor Δ is scaled by: min(1, ε / (‖Δ‖ + NORM_EPS)), and 0 (Δ dropped) for a norm that is not
-    finite."""
+def projection_scale(epsilon: float, norm: float, surface: bool = False) -> float:
+    """The factor Δ is scaled by: min(1, ε / (‖Δ‖ + NORM_EPS)) (``surface``: ε / (‖Δ‖ + NORM_EPS), Δ on the
+    sphere), and 0 (Δ dropped) for a norm that is not finite."""
     norm = float(norm)
     if not math.isfinite(norm):
         return 0.0
+    if surface:
+        return epsilon / (norm + NORM_EPS)
     return min(1.0, epsilon / (norm + NORM_EPS))
 
 
@@ -50,38 +54,45 @@ def total_norm(norms: Sequence[float]) -> float:
     return math.sqrt(math.fsum(n * n for n in norms))
 
 
-def projection_scales(norms: Sequence[float], epsilon: float, per_tensor: bool) -> list[float]:
+def projection_scales(norms: Sequence[float], epsilon: float, per_tensor: bool, surface: bool = False) -> list[float]:
     """The scale of each tensor: from its own norm (``per_tensor``) or from the norm over all of them."""
     if per_tensor:
-        return [projection_scale(epsilon, n) for n in norms]
-    return [projection_scale(epsilon, total_norm(norms))] * len(norms)
+        return [projection_scale(epsilon, n, surface) for n in norms]
+    return [projection_scale(epsilon, total_norm(norms), surface)] * len(norms)
 
 
 class Ascent(NamedTuple):
     """What one ``perturb_`` call must produce, and the terms it is made of (all float64)."""
 
-    params: list  # θ + scale·Δ; exactly θ where Δ is dropped
+    params: list  # θ + scale·T·Δ; exactly θ where Δ is dropped
     theta: list  # θ
     old: list  # Δ before this ascent: params − θ (zeros on the first ascent)
-    step: list  # ζ·g
-    delta: list  # Δ = old + step, before projection
+    step: list  # ζ·g (ASAM: ζ·T·g)
+    delta: list  # Δ = old + step, before projection (ASAM: u, in the coordinates θ/T)
     norms: torch.Tensor  # ‖Δ‖ per tensor, then over all tensors (n + 1)
     scales: list  # per tensor; 0.0 where Δ is dropped
+    weights: list | None = None  # ASAM's T = |θ| + η per tensor; None without element weights
 
 
 def perturb(params: Tensors, grads: Tensors, theta: Tensors | None, epsilon: float, inner_lr: float,
-            per_tensor: bool, first: bool) -> Ascent:
+            per_tensor: bool, first: bool, surface: bool = False, eta: float | None = None) -> Ascent:
     """The effect of ``perturb_`` on ``params`` (the values before the call). ``theta``: the parameters the
-    first ascent saved (read only when ``first`` is false)."""
+    first ascent saved (read only when ``first`` is false). ``surface``: SAM's scale; ``eta``: ASAM's element
+    weights T = |θ| + η (first ascents only): u = ζ·T·g is projected and params ← θ + scale·T·u."""
+    assert eta is None or first, "the op refuses eta on later ascents"
     theta = [(p if first else t).to(torch.float64, copy=True) for p, t in zip(params, theta or params)]
+    weights = None if eta is None else [t.abs() + eta for t in theta]
     old = [torch.zeros_like(t) if first else p.to(torch.float64) - t for p, t in zip(params, theta)]
     step = [inner_lr * g.to(torch.float64) for g in grads]
+    if weights is not None:
+        step = [w * s for w, s in zip(weights, step)]
     delta = [o + s for o, s in zip(old, step)]
     norms = [l2(d) for d in delta]
-    scales = projection_scales(norms, epsilon, per_tensor)
-    new = [t + s * d if s != 0.0 else t.clone() for t, d, s in zip(theta, delta, scales)]
+    scales = projection_scales(norms, epsilon, per_tensor, surface)
+    moves = delta if weights is None else [w * d for w, d in zip(weights, delta)]
+    new = [t + s * d if s != 0.0 else t.clone() for t, d, s in zip(theta, moves, scales)]
     return Ascent(new, theta, old, step, delta, torch.tensor(norms + [total_norm(norms)], dtype=torch.float64),
-                  scales)
+                  scales, weights)
 
 
 def restore(theta: Tensors) -> list:
@@ -203,6 +214,8 @@ UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-1
 # Roundings a backend may spend on each term of a result: the fused kernels round once from fp32 (fp64 for
 # fp64), foreach and reference round Δ, ζ·g and scale·Δ to the storage dtype in separate ops.
 ULPS = 4
+# ASAM's element weights: T = |θ| + η and the two products with T are rounded as well.
+WEIGHT_ULPS = 3
 # torch.optim.SGD rounds each of its few steps once: fewer roundings per term than an ascent.
 SGD_ULPS = 2
 # Relative error of a norm beyond the rounding of Δ itself: sums of squares in fp32 (fp64 for fp64 tensors;
@@ -242,7 +255,11 @@ def ascent_bounds(ascent: Ascent, dtypes, per_tensor: bool, subtracts_back: bool
         relative = float(error) / governing if 0 < governing < math.inf else 0.0
         bound = ULPS * UNIT[dtype] * t.abs()
         if scale != 0.0:  # (Δ may hold NaN where it is dropped)
-            bound = bound + ULPS * UNIT[dtype] * scale * (o.abs() + s.abs()) + relative * scale * d.abs()
+            if ascent.weights is None:
+                bound = bound + ULPS * UNIT[dtype] * scale * (o.abs() + s.abs()) + relative * scale * d.abs()
+            else:  # θ + scale·T·u: T and T·u are rounded too (WEIGHT_ULPS more roundings of the moved term)
+                moved_term = scale * ascent.weights[i] * d.abs()
+                bound = bound + (ULPS + WEIGHT_ULPS) * UNIT[dtype] * moved_term + relative * moved_term
         if subtracts_back:
             bound = bound + ULPS * UNIT[dtype] * (t.abs() + o.abs())
         bounds.append(bound)

@@ -86,12 +86,14 @@ def per_tensor_id(per_tensor):
     return "per_tensor" if per_tensor else "global"
 
 
-def check_ascent(backend, params, grads, backups, theta, epsilon, inner_lr, per_tensor, first):
+def check_ascent(backend, params, grads, backups, theta, epsilon, inner_lr, per_tensor, first, surface=False,
+                 eta=None):
     """One ``perturb_`` through the op layer, checked against the definition; returns (definition, bounds)."""
     dtypes = [p.dtype for p in params]
     before = clones(params)
-    norms = functional.perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first, backend=backend)
-    expected = perturb(before, grads, theta, epsilon, inner_lr, per_tensor, first)
+    norms = functional.perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first, surface, eta,
+                                backend=backend)
+    expected = perturb(before, grads, theta, epsilon, inner_lr, per_tensor, first, surface, eta)
     assert norms.dtype == torch.float32 and norms.shape == (len(params) + 1,)
     if params:
         assert norms.device == params[0].device
@@ -318,6 +320,125 @@ def test_norms_do_not_overflow_or_underflow(device, backend):
         assert norms[0].item() == pytest.approx(value * math.sqrt(n), rel=1e-4), dtype
         assert norms[1].item() == pytest.approx(value * math.sqrt(n), rel=1e-4), dtype
         assert torch.equal(p, g)  # unprojected: θ + Δ = 0 + g
+
+
+# -- perturb_'s SAM and ASAM modes --------------------------------------------------------------------------------
+def middle_epsilon(params, grads, inner_lr, per_tensor, eta):
+    """An ε between the two middle norms of the ascent variable (``per_tensor``), or half the global one."""
+    norms = perturb(params, grads, None, 1.0, inner_lr, per_tensor, True, eta=eta).norms
+    if not per_tensor:
+        return 0.5 * float(norms[-1])
+    finite = sorted(float(n) for n, p in zip(norms[:-1], params) if p.numel())
+    return 0.5 * (finite[len(finite) // 2 - 1] + finite[len(finite) // 2])
+
+
+@pytest.mark.parametrize("per_tensor", [True, False], ids=per_tensor_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_perturb_surface_puts_delta_on_the_sphere(device, backend, dtype, per_tensor):
+    """SAM's projection: every Δ (per tensor, or the one over all tensors) has norm ε, also where ζ·g lies
+    inside the ball, which the default projection would leave as it is."""
+    params, grads = make_lists(EDGE_SHAPES, dtype, seed=31, device=device)
+    # per tensor: some Δ inside their balls, some outside; global: the one Δ well inside
+    epsilon = middle_epsilon(params, grads, 0.5, per_tensor, None) * (1 if per_tensor else 4)
+    theta, backups = clones(params), empty_like(params)
+    expected, bounds = check_ascent(backend, params, grads, backups, theta, epsilon, 0.5, per_tensor, True,
+                                    surface=True)
+    assert max(expected.scales) > 1.1, expected.scales  # some Δ grew onto the sphere
+    ball = perturb(theta, grads, None, epsilon, 0.5, per_tensor, True)
+    assert moved(params, ball.params) > SIGNIFICANT * bound_norm(bounds)  # not the default projection
+    sized = [i for i, p in enumerate(params) if p.numel()]
+    if per_tensor:
+        for i in sized:
+            torch.testing.assert_close(moved(params[i:i + 1], theta[i:i + 1]), epsilon, rtol=2e-2, atol=0)
+    else:
+        torch.testing.assert_close(moved(params, theta), epsilon, rtol=2e-2, atol=0)
+    functional.restore_(params, backups, backend=backend)
+    if not subtracts_back(backend):
+        assert_bitwise_equal(params, theta)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.01], ids=["eta0", "eta0.01"])
+@pytest.mark.parametrize("surface", [False, True], ids=["ball", "surface"])
+@pytest.mark.parametrize("per_tensor", [True, False], ids=per_tensor_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_perturb_asam_element_weights(device, backend, dtype, per_tensor, surface, eta):
+    """ASAM: u = ζ·T·g with T = |θ| + η is normed and projected, and params ← θ + scale·T·u; far from the
+    unweighted ascent at the same ε."""
+    # Δ of the size of θ (grad_scale), so that the effect stands far above the roundings of θ in bf16
+    params, grads = make_lists(EDGE_SHAPES, dtype, seed=32, device=device, param_scale=1.0, grad_scale=10.0)
+    epsilon = middle_epsilon(params, grads, 0.5, per_tensor, eta)
+    theta, backups = clones(params), empty_like(params)
+    expected, bounds = check_ascent(backend, params, grads, backups, theta, epsilon, 0.5, per_tensor, True,
+                                    surface=surface, eta=eta)
+    if not surface:
+        assert_mixes_projected_and_free(expected, per_tensor, params)
+    unweighted = perturb(theta, grads, None, epsilon, 0.5, per_tensor, True, surface)
+    assert moved(params, unweighted.params) > SIGNIFICANT * bound_norm(bounds)
+    assert moved(params, theta) > SIGNIFICANT * bound_norm(bounds)
+    if surface and not per_tensor:  # on the sphere in the coordinates θ/T
+        scaled = [(p.double() - t.double()) / w for p, t, w in zip(params, theta, expected.weights)]
+        torch.testing.assert_close(moved(scaled, [torch.zeros_like(x) for x in scaled]), epsilon, rtol=2e-2, atol=0)
+    functional.restore_(params, backups, backend=backend)
+    if not subtracts_back(backend):
+        assert_bitwise_equal(params, theta)
+
+
+@pytest.mark.parametrize("per_tensor", [True, False], ids=per_tensor_id)
+def test_asam_in_mixed_dtype_lists(device, backend, per_tensor):
+    params, grads = make_lists([s for _, s in MIXED_DTYPE_CASE], [d for d, _ in MIXED_DTYPE_CASE], seed=33,
+                               device=device, param_scale=0.5)
+    epsilon = middle_epsilon(params, grads, 1.0, per_tensor, 0.01)
+    theta, backups = clones(params), empty_like(params)
+    _, bounds = check_ascent(backend, params, grads, backups, theta, epsilon, 1.0, per_tensor, True, surface=True,
+                             eta=0.01)
+    assert moved(params, theta) > SIGNIFICANT * bound_norm(bounds)
+
+
+@pytest.mark.parametrize("eta", [None, 0.01], ids=["sam", "asam"])
+@pytest.mark.parametrize("per_tensor", [True, False], ids=per_tensor_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_surface_modes_drop_non_finite_and_keep_theta_on_zero_gradients(device, backend, dtype, per_tensor, eta):
+    """A NaN gradient drops Δ (that tensor's, or for the global norm every tensor's) to θ exactly; a zero
+    gradient, whose ε/‖Δ‖ is huge on the surface, leaves θ exactly and reports ‖Δ‖ = 0."""
+    shapes = [(5,), (CPU_CHUNK + 5,), (40,), ()]
+    params, grads = make_lists(shapes, dtype, seed=34, device=device, param_scale=1.0)
+    theta, backups = clones(params), empty_like(params)
+    bad = clones(grads)
+    bad[1][CPU_CHUNK + 2] = math.nan
+    norms = functional.perturb_(params, bad, backups, 0.05, 1.0, per_tensor, True, True, eta, backend=backend)
+    assert math.isnan(norms[1]) and math.isnan(norms[-1])
+    dropped = [1] if per_tensor else list(range(len(params)))
+    for i in range(len(params)):
+        assert torch.isfinite(params[i]).all(), i
+        if i in dropped:
+            assert torch.equal(params[i], theta[i]), f"tensor {i} is not θ"
+    healthy = [i for i in range(len(params)) if i not in dropped]
+    if healthy:  # the others still ascend (per tensor: onto their own spheres)
+        assert moved([params[i] for i in healthy], [theta[i] for i in healthy]) > 1e-2
+    functional.restore_(params, backups, backend=backend)
+    start = clones(params)
+    zeros = [torch.zeros_like(g) for g in grads]
+    norms = functional.perturb_(params, zeros, backups, 0.05, 1.0, per_tensor, True, True, eta, backend=backend)
+    assert torch.equal(norms.cpu(), torch.zeros(len(shapes) + 1)), norms
+    assert all(torch.equal(p, s) for p, s in zip(params, start))
+    # a tiny gradient: ε/‖Δ‖ beyond fp16's range, Δ still on the ε-sphere (around θ = 0, where nothing rounds it)
+    origin, tiny = [torch.zeros_like(p) for p in params], [torch.full_like(g, 1e-7) for g in grads]
+    functional.perturb_(origin, tiny, backups, 0.05, 1.0, per_tensor, True, True, eta, backend=backend)
+    assert all(torch.isfinite(p).all() for p in origin)
+    if eta is None:  # (ASAM around θ = 0 has T = η: the same sphere in θ/T, a smaller one here)
+        torch.testing.assert_close(moved(origin, [torch.zeros_like(p) for p in origin]),
+                                   0.05 * math.sqrt(len(shapes) if per_tensor else 1), rtol=2e-2, atol=0)
+
+
+def test_eta_with_a_later_ascent_is_refused_before_writing(device, backend):
+    params, grads = make_lists([(7,), (3, 5)], torch.float32, seed=35, device=device)
+    backups = empty_like(params)
+    functional.perturb_(params, grads, backups, 0.1, 1.0, True, True, backend=backend)
+    before, saved = clones(params), clones(backups)
+    with pytest.raises(ValueError, match=r"eta \(ASAM's element weights\) needs first=True"):
+        functional.perturb_(params, grads, backups, 0.1, 1.0, True, False, True, 0.01, backend=backend)
+    assert_bitwise_equal(params, before)
+    assert_bitwise_equal(backups, saved)
 
 
 # -- restore_ ----------------------------------------------------------------------------------------------------

@@ -41,8 +41,8 @@ def make_lists(device="cpu", seed=0):
 
 
 # -- the calls: functional argument order; the ops' flags fixed --------------------------------------------------
-def perturb(lists, epsilon=0.5, inner_lr=1.0):
-    return "perturb_", (lists["params"], lists["grads"], lists["backups"], epsilon, inner_lr, True, True)
+def perturb(lists, epsilon=0.5, inner_lr=1.0, first=True, eta=None):
+    return "perturb_", (lists["params"], lists["grads"], lists["backups"], epsilon, inner_lr, True, first, False, eta)
 
 
 def restore(lists):
@@ -61,7 +61,7 @@ def perturbation(lists):
 def python_contract(op, args):
     """The Python contract alone, on the arguments as given (no conversion of complex tensors)."""
     if op == "perturb_":
-        checks.check_perturb(*args[:5])
+        checks.check_perturb(*args[:5], first=args[6], eta=args[8])
     elif op == "restore_":
         checks.check_restore(*args)
     elif op == "restore_sgd_":
@@ -111,6 +111,17 @@ def _scalar_rows():
                         lambda lists: None, ValueError, rf"^dampening must be a finite number, got {text}$"))
     rows.append(Row("epsilon=1e+20 is fine but inner_lr=-0.1", lambda lists: perturb(lists, 1e20, -0.1),
                     lambda lists: None, ValueError, r"^inner_lr must be a finite number >= 0, got -0.1$"))
+    for bad, text in ((-1.0, "-1"), (math.nan, "nan"), (math.inf, "inf")):  # ASAM's element weights
+        rows.append(Row(f"eta={text}", lambda lists, bad=bad: perturb(lists, eta=bad), lambda lists: None, ValueError,
+                        rf"^eta must be a finite number >= 0, got {text}$"))
+    rows.append(Row("epsilon before eta", lambda lists: perturb(lists, epsilon=-1.0, eta=-1.0), lambda lists: None,
+                    ValueError, r"^epsilon must be a finite number >= 0, got -1$"))
+    rows.append(Row("eta on a later ascent", lambda lists: perturb(lists, first=False, eta=0.01), lambda lists: None,
+                    ValueError, r"^eta \(ASAM's element weights\) needs first=True; the weighted ascent is one step "
+                                r"from θ$"))
+    rows.append(Row("eta before the tensors", lambda lists: perturb(lists, first=False, eta=0.01),
+                    replaced("grads", 1, lambda lists: lists["grads"][1].double()), ValueError,
+                    r"^eta \(ASAM's element weights\) needs first=True"))
     return rows
 
 
@@ -369,6 +380,8 @@ def _valid_cases(device="cpu"):
         ("perturbation reads only", perturbation,
          replaced("backups", 1, lambda lists: lists["params"][1])),
         ("empty lists", lambda lists: perturb({name: [] for name in lists}), lambda lists: None),
+        ("eta=0.01", lambda lists: perturb(lists, eta=0.01), lambda lists: None),
+        ("eta=0", lambda lists: perturb(lists, eta=0.0), lambda lists: None),
     ]
 
 

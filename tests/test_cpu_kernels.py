@@ -1,7 +1,8 @@
 """What is specific to the C++ CPU kernels (backend "cpu", csrc/cpu): the build and how a broken one is
 reported, the chunk plan (64K-element chunks on torch's threads: millions of values, results bitwise identical
-for any thread count), every tail length of the vector loops, the kernels' own argument checks, one dispatched
-op per call, tracing under torch.compile, and the optimizer on this backend.
+for any thread count), every tail length of the vector loops, perturb_'s modes (SAM's sphere, ASAM's element
+weights) on those loops and threads against a float64 computation written here, the kernels' own argument checks,
+one dispatched op per call, tracing under torch.compile, and the optimizer on this backend.
 
 What every backend promises (the op definitions, dtypes, chunk-boundary sizes, non-finite gradients, layouts,
 torch.optim.SGD, bit-exact restore) is tested once for all of them in tests/test_backend_contract.py, and the
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,10 +22,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import amp_fused
-from amp_fused import _extension, backends, functional
+from amp_fused import _extension, backends, checks, functional
 from amp_fused.backends import cpu
-from op_definition import (DTYPES, ascent_bounds, assert_bitwise_equal, assert_within, bound_norm, clones, dtype_id,
-                           empty_like, make_lists, moved, norm_bounds, perturb, restore_sgd, sgd_bounds)
+from op_definition import (DTYPES, NORM_RTOL, UNIT, ascent_bounds, assert_bitwise_equal, assert_within, bound_norm,
+                           clones, dtype_id, empty_like, make_lists, moved, norm_bounds, perturb, restore_sgd,
+                           sgd_bounds)
 
 CHUNK = 1 << 16  # csrc/cpu/multi_tensor.h kChunkSize
 
@@ -165,6 +168,227 @@ def test_bitwise_identical_across_runs_and_thread_counts(restore_threads):
         assert runs[0][0][-1].item() == pytest.approx(naive, rel=1e-5)
 
 
+# -- perturb_'s modes: surface (SAM) and eta (ASAM) --------------------------------------------------------------
+# What the op table says, in float64, written here from its text: T = |θ| + η (no eta: no weights), u = ζ·T·g
+# (first ascents only), norms ‖u‖ per tensor and over all, scale = ε / (‖u‖ + NORM_EPS), min(1, ·) unless
+# surface, 0 where the governing norm (or, on the surface, the scale) is not finite; params ← θ + scale·T·u,
+# exactly θ where the scale is 0; backups ← θ.
+MODES = [  # (id, surface, eta)
+    ("sam", True, None),
+    ("asam", True, 0.01),
+    ("asam_eta0", True, 0.0),
+    ("weighted_ball", False, 0.5),
+]
+# Unit roundoff of the kernels' compute type (float for fp32/fp16/bf16, double for fp64).
+COMPUTE_UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-24, torch.bfloat16: 2.0**-24}
+
+
+class ModeAscent:
+    """The float64 effect of ``perturb_(..., first=True, surface, eta)`` on ``params`` (before the call)."""
+
+    def __init__(self, params, grads, epsilon, inner_lr, per_tensor, surface, eta):
+        self.theta = [p.detach().to(torch.float64, copy=True) for p in params]
+        self.weights = [t.abs() + eta if eta is not None else torch.ones_like(t) for t in self.theta]
+        self.u = [inner_lr * (w * g.to(torch.float64)) for w, g in zip(self.weights, grads)]
+        self.norms = [float(torch.linalg.vector_norm(u)) for u in self.u]
+        self.total = math.sqrt(math.fsum(n * n for n in self.norms))
+
+        def scale(norm):
+            if not math.isfinite(norm):
+                return 0.0
+            value = epsilon / (norm + backends.NORM_EPS)
+            if surface:
+                return value if math.isfinite(value) else 0.0
+            return min(1.0, value)
+
+        self.governing = self.norms if per_tensor else [self.total] * len(self.norms)
+        self.scales = [scale(n) for n in self.governing]
+        self.moves = [s * w * u if s != 0.0 else torch.zeros_like(u)
+                      for s, w, u in zip(self.scales, self.weights, self.u)]
+        self.params = [t + m for t, m in zip(self.theta, self.moves)]
+
+    def bounds(self, dtypes):
+        """|kernel − definition| allowed per element: the store's rounding to the dtype (twice its unit, for
+        results near a power of two), eight roundings in the compute type (T, T·g, ζ·, T·u, scale·, θ +, the
+        scale itself) of |θ| + |move|, and the norm's relative error, which the scale and so the move inherit."""
+        out = []
+        for t, m, dtype in zip(self.theta, self.moves, dtypes):
+            norm_rtol = NORM_RTOL[dtype] + 8 * COMPUTE_UNIT[dtype]
+            terms = t.abs() + m.abs()
+            out.append(2 * UNIT[dtype] * terms + 8 * COMPUTE_UNIT[dtype] * terms + norm_rtol * m.abs())
+        return out
+
+    def norm_bounds(self, dtypes):
+        rtols = [NORM_RTOL[d] + 8 * COMPUTE_UNIT[d] + 2.0**-23 for d in dtypes]
+        per = [r * n for r, n in zip(rtols, self.norms)]
+        return torch.tensor(per + [max(rtols, default=0.0) * self.total], dtype=torch.float64)
+
+    def expected_norms(self):
+        return torch.tensor(self.norms + [self.total], dtype=torch.float64)
+
+
+def check_mode_ascent(params, grads, epsilon, inner_lr, per_tensor, surface, eta, backend="cpu"):
+    """One first-ascent perturb_ in a mode on ``backend`` against ModeAscent: params, backups (θ, bit for
+    bit) and norms; returns (definition, bounds)."""
+    dtypes = [p.dtype for p in params]
+    theta = clones(params)
+    expected = ModeAscent(params, grads, epsilon, inner_lr, per_tensor, surface, eta)
+    backups = [torch.full_like(p, math.nan) for p in params]
+    norms = functional.perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, True, surface, eta,
+                                backend=backend)
+    bounds = expected.bounds(dtypes)
+    assert_bitwise_equal(backups, theta, "backup")
+    assert_within(params, expected.params, bounds, "param")
+    assert norms.dtype == torch.float32 and norms.shape == (len(params) + 1,)
+    assert_within([norms], [expected.expected_norms()], [expected.norm_bounds(dtypes)], "norms")
+    return expected, bounds
+
+
+def mode_epsilon(grads, params, inner_lr, per_tensor, surface, eta):
+    """An ε that makes the mode matter: per tensor, half the largest ‖u‖ (the largest tensor projected with
+    scale 1/2, the others' scales above 1: the ball cuts them to 1, the sphere does not), so that every tensor,
+    the largest ones too, moves far more than its rounding; global, 2.5·‖u‖ on the surface (a scale the ball
+    would cut to 1), else 0.5·‖u‖."""
+    definition = ModeAscent(params, grads, 1.0, inner_lr, per_tensor, surface, eta)
+    if per_tensor:
+        return 0.5 * max(definition.norms)
+    return (2.5 if surface else 0.5) * definition.total
+
+
+@pytest.mark.parametrize("per_tensor", [True, False], ids=["per_tensor", "global"])
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m[0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_modes_on_every_tail_and_chunk_boundary(dtype, mode, per_tensor):
+    """SAM's sphere and ASAM's weights through the vector loops: every tail length 1 to 33 (the weighted
+    passes read θ there too: its zero-padded lanes must add nothing), chunk edges, and a tensor of a few
+    chunks; θ of order 1, so that the weights |θ| + η differ from one element to the next."""
+    _, surface, eta = mode
+    shapes = [(n,) for n in range(1, 34)] + [(CHUNK + n,) for n in (-1, 0, 1, 15)] + [(3 * CHUNK + 17,), ()]
+    params, grads = make_lists(shapes, dtype, seed=40, param_scale=1.0)
+    epsilon = mode_epsilon(grads, params, 0.5, per_tensor, surface, eta)
+    theta = clones(params)
+    expected, bounds = check_mode_ascent(params, grads, epsilon, 0.5, per_tensor, surface, eta)
+    assert moved(params, theta) > 10 * bound_norm(bounds)
+    scales = expected.scales
+    if surface:  # the sphere: scales the ball would have cut to 1
+        assert max(scales) > 1.5
+    if per_tensor:
+        assert min(scales) < 1 and max(scales) > (1.5 if surface else 0.999)
+    else:
+        assert len(set(scales)) == 1 and scales[0] != 1.0
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m[0])
+def test_modes_couple_of_million_values_bitwise_across_thread_counts(mode, restore_threads):
+    """Tensors of many chunks on torch's threads (mixed dtypes), in each mode: right, and bitwise the same for
+    1 and 2 threads and across runs."""
+    _, surface, eta = mode
+    shapes = [(5 * CHUNK + 123,), (1_500_000,), (3, CHUNK + 7), (11,), ()]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float32]
+    params, grads = make_lists(shapes, dtypes, seed=41, param_scale=1.0)
+    for per_tensor in (True, False):
+        epsilon = mode_epsilon(grads, params, 0.25, per_tensor, surface, eta)
+        runs = []
+        for threads in (1, 2, 1, 2):
+            torch.set_num_threads(threads)
+            p, b = clones(params), empty_like(params)
+            norms = cpu.perturb_(p, grads, b, epsilon, 0.25, per_tensor, True, surface, eta)
+            runs.append([norms] + p + b)
+        for run in runs[1:]:
+            assert_bitwise_equal(run, runs[0])
+        p = clones(params)
+        _, bounds = check_mode_ascent(p, grads, epsilon, 0.25, per_tensor, surface, eta)
+        assert_bitwise_equal(p, runs[0][1:1 + len(params)])
+        assert moved(p, params) > 10 * bound_norm(bounds)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("eta", [None, 0.01], ids=["sam", "asam"])
+def test_modes_drop_a_non_finite_tensor(dtype, eta):
+    """On the sphere too a NaN/Inf in g (or, weighted, in θ: T is NaN there) drops that tensor's move (per
+    tensor) or every tensor's (global): params are θ bit for bit, backups θ, the norms report it."""
+    shapes = [(CHUNK + 5,), (37,), (3, 4)]
+    for bad, where in ((math.nan, "grad"), (math.inf, "grad"), (math.nan, "param")):
+        if where == "param" and eta is None:
+            continue  # without weights a NaN θ is moved like any other value
+        params, grads = make_lists(shapes, dtype, seed=42, param_scale=1.0)
+        (grads if where == "grad" else params)[0].view(-1)[CHUNK + 2] = bad
+        for per_tensor in (True, False):
+            p = clones(params)
+            b = empty_like(params)
+            norms = cpu.perturb_(p, grads, b, 0.3, 0.5, per_tensor, True, True, eta)
+            assert_bitwise_equal(b, params, "backup")
+            assert not math.isfinite(norms[0].item()) and not math.isfinite(norms[-1].item())
+            assert math.isfinite(norms[1].item()) and math.isfinite(norms[2].item())
+            assert_bitwise_equal(p[:1], params[:1])
+            if per_tensor:  # the others move onto their spheres
+                expected = ModeAscent(params[1:], grads[1:], 0.3, 0.5, True, True, eta)
+                assert_within(p[1:], expected.params, expected.bounds([dtype] * 2), "param")
+                assert moved(p[1:], params[1:]) > 0.1
+            else:
+                assert_bitwise_equal(p, params)
+
+
+@pytest.mark.parametrize("eta", [None, 0.0], ids=["sam", "asam"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_surface_scale_that_overflows_is_zero(dtype, eta):
+    """ε / (‖u‖ + 1e-12) overflows (‖u‖ = 0, ε = 1e300): the sphere's scale is 0, not Inf, so params are θ
+    bit for bit (an Inf scale times a zero u would write NaN), and the norms are 0."""
+    shapes = [(CHUNK + 3,), (9,)]
+    params, _ = make_lists(shapes, dtype, seed=43, param_scale=1.0)
+    grads = [torch.zeros_like(p) for p in params]
+    if eta is not None:  # u = 0 through T = |θ| + 0 = 0 as well: θ = 0 with a non-zero gradient
+        params[1].zero_()
+        grads[1].fill_(3.0)
+    for per_tensor in (True, False):
+        p, b = clones(params), empty_like(params)
+        norms = cpu.perturb_(p, grads, b, 1e300, 1.0, per_tensor, True, True, eta)
+        assert norms.tolist() == [0.0, 0.0, 0.0]
+        assert_bitwise_equal(p, params)
+        assert_bitwise_equal(b, params, "backup")
+    # a finite scale far above 1: ε / NORM_EPS = 1e12·ε, applied to u = 0
+    p = clones(params)
+    cpu.perturb_(p, grads, empty_like(params), 1.0, 1.0, True, True, True, eta)
+    assert_within(p, [t.double() for t in params], [torch.zeros(t.shape, dtype=torch.float64) for t in params])
+
+
+def test_modes_through_torch_ops_default_arguments_and_keywords():
+    """The schema's defaults: the 7 positional arguments of before mean surface=False, eta=None (bitwise the
+    same result as passing them); keywords reach the kernel."""
+    shapes = [(CHUNK + 1,), (10,)]
+    params, grads = make_lists(shapes, torch.float32, seed=44, param_scale=1.0)
+    runs = []
+    for extra, kwargs in (((), {}), ((False, None), {}), ((), {"surface": False, "eta": None})):
+        p, b = clones(params), empty_like(params)
+        runs.append([torch.ops.amp_fused.perturb_(p, grads, b, 0.5, 1.0, True, True, *extra, **kwargs)] + p + b)
+    for run in runs[1:]:
+        assert_bitwise_equal(run, runs[0])
+    p, b = clones(params), empty_like(params)
+    epsilon = 3.0 * ModeAscent(params, grads, 1.0, 1.0, False, True, 0.1).total
+    norms = torch.ops.amp_fused.perturb_(p, grads, b, epsilon, 1.0, False, True, eta=0.1, surface=True)
+    expected = ModeAscent(params, grads, epsilon, 1.0, False, True, 0.1)
+    assert expected.scales[0] > 2.9
+    assert_within(p, expected.params, expected.bounds([torch.float32] * 2), "param")
+    assert_within([norms], [expected.expected_norms()], [expected.norm_bounds([torch.float32] * 2)], "norms")
+
+
+def test_modes_trace_under_torch_compile():
+    """The fake implementation takes the new arguments: a traced weighted, surface ascent is the eager one."""
+    shapes = [(CHUNK + 1,), (3, 4), ()]
+    params, grads = make_lists(shapes, torch.float32, seed=45, param_scale=1.0)
+
+    def ascent(ps, gs, bs):
+        norms = torch.ops.amp_fused.perturb_(ps, gs, bs, 2.0, 1.0, True, True, True, 0.05)
+        return norms * 2
+
+    eager_p, compiled_p = clones(params), clones(params)
+    eager = ascent(eager_p, grads, empty_like(params))
+    compiled = torch.compile(ascent, backend="aot_eager", fullgraph=True)(compiled_p, grads, empty_like(params))
+    assert torch.equal(eager, compiled)
+    assert_bitwise_equal(compiled_p, eager_p)
+    assert moved(compiled_p, params) > 1.0
+
+
 # -- argument checking ----------------------------------------------------------------------------------------
 def _valid_lists(n=3):
     params, grads = make_lists([(CHUNK + 2,)] * n, torch.float32, seed=15)
@@ -248,6 +472,53 @@ def test_bad_epsilon_raises(epsilon):
     with pytest.raises(ValueError, match=r"epsilon must be a finite number >= 0"):
         cpu.perturb_(lists["params"], lists["grads"], lists["backups"], epsilon, 1.0, True, True)
     assert_bitwise_equal(lists["params"], snapshot)
+
+
+@pytest.mark.parametrize("eta", [-0.5, math.nan, math.inf, -math.inf])
+def test_bad_eta_raises(eta):
+    """The kernel's own check (csrc/checks.h), straight through torch.ops, before anything is written."""
+    lists = _valid_lists()
+    snapshot = {name: clones(lists[name]) for name in ("params", "backups")}
+    message = rf"^amp_fused\.perturb_: eta must be a finite number >= 0, got {re.escape(f'{eta:g}')}$"
+    with pytest.raises(ValueError, match=message):
+        torch.ops.amp_fused.perturb_(lists["params"], lists["grads"], lists["backups"], 0.5, 1.0, True, True, True,
+                                     eta)
+    for name, tensors in snapshot.items():
+        assert_bitwise_equal(lists[name], tensors)
+
+
+ETA_NEEDS_FIRST = ("amp_fused.perturb_: eta (ASAM's element weights) needs first=True; the weighted ascent is one "
+                   "step from θ")
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_eta_needs_the_first_ascent(device):
+    """eta with first=False: the kernel (cpu) and the fake implementation (meta, which runs amp_fused.checks)
+    raise the same ValueError, after the scalars' own checks and before the tensors' (the lists here hold a bad
+    dtype, which would raise a TypeError) and before anything is written."""
+    lists = _valid_lists()
+    params = [t.to(device) for t in lists["params"]]
+    grads = [t.to(device) for t in lists["grads"]]
+    backups = [t.to(device) for t in lists["backups"]]
+    snapshot = clones(params + backups)
+    for surface in (False, True):
+        with pytest.raises(ValueError) as error:
+            torch.ops.amp_fused.perturb_(params, grads, backups, 0.5, 1.0, True, False, surface, 0.01)
+        assert str(error.value) == ETA_NEEDS_FIRST
+    with pytest.raises(ValueError, match=r"^amp_fused\.perturb_: inner_lr must be a finite number >= 0, got -1$"):
+        torch.ops.amp_fused.perturb_(params, grads, backups, 0.5, -1.0, True, False, False, 0.01)
+    with pytest.raises(ValueError, match=r"^amp_fused\.perturb_: eta must be a finite number >= 0, got -1$"):
+        torch.ops.amp_fused.perturb_(params, grads, backups, 0.5, 1.0, True, False, False, -1.0)
+    bad_dtype = params[:2] + [params[2].long()]
+    with pytest.raises(ValueError) as error:
+        torch.ops.amp_fused.perturb_(bad_dtype, grads, backups, 0.5, 1.0, True, False, False, 0.01)
+    assert str(error.value) == ETA_NEEDS_FIRST
+    if device == "cpu":
+        assert_bitwise_equal(params + backups, snapshot)
+        # the same contract as the Python twin, message for message
+        with pytest.raises(ValueError) as python_error:
+            checks.check_perturb(params, grads, backups, 0.5, 1.0, first=False, eta=0.01)
+        assert str(python_error.value) == ETA_NEEDS_FIRST
 
 
 def test_device_mismatch_raises():

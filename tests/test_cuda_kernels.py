@@ -74,12 +74,13 @@ def make_lists(shapes, dtypes, seed, param_scale=0.01, device=None):
     return op_definition.make_lists(shapes, dtypes, seed, DEVICE if device is None else device, param_scale)
 
 
-def check_ascent(params, grads, backups, theta, epsilon, inner_lr, per_tensor, first):
+def check_ascent(params, grads, backups, theta, epsilon, inner_lr, per_tensor, first, surface=False, eta=None):
     """One perturb_ on the cuda backend against the definition; returns the error bounds it was held to."""
     dtypes = [p.dtype for p in params]
     before = clones(params)
-    norms = functional.perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first, backend="cuda")
-    expected = perturb(before, grads, theta, epsilon, inner_lr, per_tensor, first)
+    norms = functional.perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first, surface, eta,
+                                backend="cuda")
+    expected = perturb(before, grads, theta, epsilon, inner_lr, per_tensor, first, surface, eta)
     assert norms.dtype == torch.float32 and norms.device == params[0].device
     bounds = ascent_bounds(expected, dtypes, per_tensor)
     assert_within(params, expected.params, bounds, "param")
@@ -225,6 +226,125 @@ def test_restore_is_bitwise(cuda_backend, dtype):
     p_foreach = [torch.zeros_like(b) for b in backups]
     foreach.restore_(p_foreach, backups)
     assert_bitwise_equal(params, p_foreach)
+
+
+# -- perturb_'s modes: surface (SAM) and eta (ASAM) -----------------------------------------------------------
+MODES = [("sam", True, None), ("asam", True, 0.01), ("asam_eta0", True, 0.0), ("weighted_ball", False, 0.5)]
+
+
+def mode_epsilon(params, grads, inner_lr, per_tensor, surface, eta):
+    """An ε that makes the mode matter: per tensor, half the largest ‖u‖ (the largest tensor projected with
+    scale 1/2, the others' scales above 1: the ball cuts them to 1, the sphere does not); global, 2.5·‖u‖ on
+    the surface (a scale the ball would cut to 1), else 0.5·‖u‖."""
+    norms = perturb(params, grads, None, 1.0, inner_lr, per_tensor, True, surface, eta).norms.tolist()
+    if per_tensor:
+        return 0.5 * max(norms[:-1])
+    return (2.5 if surface else 0.5) * norms[-1]
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("per_tensor", [True, False], ids=["per_tensor", "global"])
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m[0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_modes_on_vector_groups_and_chunks(cuda_backend, dtype, mode, per_tensor):
+    """SAM's sphere and ASAM's weights (the weighted norm pass reads {params, grads}: its own depth-2 tables) on
+    every remainder of the vector groups, chunk edges, empty tensors and a tensor of 32 blocks; θ of order 1, so
+    that the weights |θ| + η differ between elements; backups are θ bit for bit."""
+    _, surface, eta = mode
+    params, grads = make_lists(EDGE_SHAPES, dtype, seed=50, param_scale=1.0)
+    epsilon = mode_epsilon(params, grads, 0.5, per_tensor, surface, eta)
+    theta, backups = clones(params), [torch.full_like(p, math.nan) for p in params]
+    bounds = check_ascent(params, grads, backups, theta, epsilon, 0.5, per_tensor, True, surface, eta)
+    assert moved(params, theta) > 10 * bound_norm(bounds)
+    assert_bitwise_equal(backups, theta, "backup")
+    functional.restore_(params, backups, backend="cuda")
+    assert_bitwise_equal(params, theta)
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m[0])
+def test_modes_over_many_launches(cuda_backend, launch_limits, mode):
+    """More tensors than a table holds at any depth (the weighted norm pass: depth 2), mixed dtypes, and a tensor
+    whose chunks straddle two launches."""
+    _, surface, eta = mode
+    chunk, max_blocks = launch_limits["chunk"], launch_limits["max_blocks"]
+    count = max(launch_limits["max_tensors"].values()) + 40
+    gen = torch.Generator().manual_seed(51)
+    shapes = [(int(torch.randint(1, 5000, (1,), generator=gen)),) for _ in range(count)]
+    shapes[count // 3] = ((max_blocks + 3) * chunk + 5,)
+    dtypes = [{3: torch.bfloat16, 4: torch.float16, 5: torch.float64}.get(i % 6, torch.float32) for i in range(count)]
+    params, grads = make_lists(shapes, dtypes, seed=52, param_scale=1.0)
+    for per_tensor in (True, False):
+        p, backups = clones(params), empty_like(params)
+        epsilon = mode_epsilon(params, grads, 0.5, per_tensor, surface, eta)
+        bounds = check_ascent(p, grads, backups, params, epsilon, 0.5, per_tensor, True, surface, eta)
+        assert moved(p, params) > 10 * bound_norm(bounds)
+        assert_bitwise_equal(backups, params, "backup")
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+def test_modes_bitwise_deterministic_and_alignment_independent(cuda_backend, dtype):
+    """The weighted, surface ascent: repeated, and on storage one element off alignment (scalar instead of
+    vector accesses), bitwise the same."""
+    shapes = [(5 * CHUNK + 7,), (CHUNK,), (123,), (2_000_003,)]
+    params, grads = make_lists(shapes, dtype, seed=53, param_scale=1.0)
+    for per_tensor in (True, False):
+        runs = []
+        for layout in (clones, clones, lambda ts: [unaligned_copy(t) for t in ts]):
+            p, g, b = layout(params), layout(grads), layout([torch.empty_like(t) for t in params])
+            norms = cuda_backend.perturb_(p, g, b, 3.0, 0.5, per_tensor, True, True, 0.01)
+            runs.append([norms] + p + b)
+        for other in runs[1:]:
+            assert_bitwise_equal(other, runs[0])
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("eta", [None, 0.01], ids=["sam", "asam"])
+def test_modes_drop_non_finite_tensors_and_overflowing_scales(cuda_backend, eta):
+    """A NaN in g (weighted: also in θ) leaves that tensor (per tensor) or every tensor (global) at θ bit for bit;
+    on the sphere a scale that overflows (ε = 1e300, u = 0) is 0, not Inf."""
+    shapes = [(CHUNK + 5,), (37,), (3, 4)]
+    for where in ("grad", "param"):
+        if where == "param" and eta is None:
+            continue
+        params, grads = make_lists(shapes, torch.float32, seed=54, param_scale=1.0)
+        (grads if where == "grad" else params)[0].view(-1)[CHUNK + 2] = math.nan
+        for per_tensor in (True, False):
+            p, b = clones(params), empty_like(params)
+            norms = cuda_backend.perturb_(p, grads, b, 0.3, 0.5, per_tensor, True, True, eta).cpu()
+            assert_bitwise_equal(b, params, "backup")
+            assert math.isnan(norms[0].item()) and math.isnan(norms[-1].item())
+            assert_bitwise_equal(p if not per_tensor else p[:1], params if not per_tensor else params[:1])
+            if per_tensor:
+                assert moved(p[1:], params[1:]) > 0.1
+    params, _ = make_lists(shapes, torch.float32, seed=55, param_scale=1.0)
+    grads = [torch.zeros_like(t) for t in params]
+    for per_tensor in (True, False):
+        p, b = clones(params), empty_like(params)
+        norms = cuda_backend.perturb_(p, grads, b, 1e300, 1.0, per_tensor, True, True, eta)
+        assert norms.tolist() == [0.0] * 4
+        assert_bitwise_equal(p, params)
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_eta_needs_the_first_ascent_on_the_cuda_kernels(cuda_backend):
+    params, grads = make_lists([(CHUNK + 1,), (12,)], torch.float32, seed=56)
+    backups = [torch.full_like(p, 7.0) for p in params]
+    saved = clones(params + backups)
+    with pytest.raises(ValueError) as error:
+        torch.ops.amp_fused.perturb_(params, grads, backups, 0.5, 1.0, True, False, True, 0.01)
+    assert str(error.value) == ("amp_fused.perturb_: eta (ASAM's element weights) needs first=True; the weighted "
+                                "ascent is one step from θ")
+    with pytest.raises(ValueError, match=r"^amp_fused\.perturb_: eta must be a finite number >= 0, got nan$"):
+        torch.ops.amp_fused.perturb_(params, grads, backups, 0.5, 1.0, True, True, False, math.nan)
+    torch.cuda.synchronize()
+    assert_bitwise_equal(params + backups, saved)
 
 
 # -- determinism, syncs, streams, graphs -----------------------------------------------------------------------

@@ -150,6 +150,43 @@ def test_perturb_matches_definition(backend, spec, per_tensor, first, poison, ep
             assert torch.equal(b.double(), t) or backend == "reference"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=min(100, settings().max_examples))  # first ascents only: fewer cases than the 500 above
+@given(spec=tensor_specs(), per_tensor=st.booleans(), eta=st.sampled_from([None, 0.0, 0.01]),
+       poison=st.sampled_from([None, "nan", "inf"]), epsilon=st.sampled_from([0.0, 1e-3, 0.5, 10.0]),
+       inner_lr=st.sampled_from([0.1, 1.0]))
+def test_perturb_sam_modes_match_definition(backend, spec, per_tensor, eta, poison, epsilon, inner_lr):
+    """The surface projection (SAM) and the element weights (ASAM) on a first ascent."""
+    specs, dtypes, layout = spec
+    params, grads = build(specs, dtypes, layout, 1), build(specs, dtypes, layout, 2)
+    if poison and grads[0].numel():
+        grads[0][(0,) * grads[0].dim()] = float(poison)
+    backups = [torch.empty_like(p) for p in params]
+    theta = [p.to(torch.float64, copy=True) for p in params]
+    definition = perturb(params, grads, None, epsilon, inner_lr, per_tensor, True, True, eta)
+    ok, norms = run_or_reject(lambda: functional.perturb_(params, grads, backups, epsilon, inner_lr, per_tensor,
+                                                          True, True, eta, backend=backend), params)
+    if not ok:
+        return
+    weights = definition.weights or [torch.ones_like(t) for t in theta]
+    for i, (p, t, u, w, dtype) in enumerate(zip(params, theta, definition.delta, weights, dtypes)):
+        if math.isfinite(definition.norms[i]):
+            reported = torch.float32 if dtype == torch.float64 else dtype
+            close(norms[i], definition.norms[i], reported, 4 * u.abs().norm(), f"norms[{i}]")
+        else:
+            assert not math.isfinite(norms[i]), i
+        assert torch.isfinite(p).all()
+        scale = definition.scales[i]
+        if scale == 0.0:  # dropped (a non-finite norm, or ε = 0): θ exactly
+            assert torch.equal(p.double(), t), i
+            continue
+        covered = [dtype] if per_tensor else dtypes  # the scale is as exact as the norm (see above)
+        scale_rtol = max(RTOL[dt] for dt in covered)
+        step = (scale * w * u).abs()
+        close(p, definition.params[i], dtype, t.abs() + 4 * step + 4 * scale_rtol / RTOL[dtype] * step,
+              f"params[{i}] {dtype} {tuple(p.shape)}")
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 @given(spec=tensor_specs())
 def test_restore_is_bit_exact(backend, spec):

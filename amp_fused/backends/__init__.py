@@ -3,13 +3,17 @@
 Every backend implements the same ops (:data:`OPS`) on lists of tensors; the optimizer never touches
 parameters any other way:
 
-``perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first) -> norms``
+``perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first, surface=False, eta=None) -> norms``
     One ascent step of Algorithm 1. ``first``: save θ into ``backups`` and take Δ = ζ·g; later
     ascents: Δ = (params − θ) + ζ·g. Then scale = min(1, ε / (‖Δ‖₂ + NORM_EPS)) for each tensor
     (``per_tensor``) or once over all of them, and params ← θ + scale·Δ. A norm that is not finite
     gives scale 0 (``per_tensor``: that tensor; global: every tensor), so a NaN or Inf gradient never
     reaches the parameters; finite inputs never overflow the norm. Returns the fp32 norms ‖Δ‖ before
     projection: one per tensor, then the norm over all tensors.
+    ``surface`` (SAM): scale = ε / (‖Δ‖₂ + NORM_EPS) without the min, Δ on the sphere; a scale that
+    overflows is 0 as well. ``eta`` (ASAM; a float >= 0, first ascents only): element weights
+    T = |θ| + η; the ascent variable is u = ζ·T·g, the norms and the projection are those of u, and
+    params ← θ + scale·T·u. Scale 0 always leaves params at θ exactly.
 ``restore_(params, backups)``
     params ← θ.
 ``restore_sgd_(params, backups, grads, momentum_buffers, lr, momentum, dampening, weight_decay,

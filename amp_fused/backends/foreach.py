@@ -20,8 +20,9 @@ def unavailable_reason():
     return None
 
 
-def projection(norms: torch.Tensor, epsilon: float, per_tensor: bool):
-    """Per-tensor scale min(1, ε/(‖Δ‖+NORM_EPS)), 0 where the governing norm is not finite.
+def projection(norms: torch.Tensor, epsilon: float, per_tensor: bool, surface: bool = False):
+    """Per-tensor scale min(1, ε/(‖Δ‖+NORM_EPS)) (``surface``: without the min), 0 where the governing norm
+    (or, on the surface, the scale) is not finite.
 
     Returns ``(scale, keep, all_norms)``: vectors of length n (keep is 1.0 where the tensor may move,
     0.0 where its norm, or for global the total norm, is not finite) and the fp32 n norms followed by
@@ -29,8 +30,13 @@ def projection(norms: torch.Tensor, epsilon: float, per_tensor: bool):
     """
     total = torch.linalg.vector_norm(norms)
     governing = norms if per_tensor else total.expand_as(norms)
+    scale = epsilon / (governing + NORM_EPS)
     keep = torch.isfinite(governing)
-    scale = torch.where(keep, (epsilon / (governing + NORM_EPS)).clamp(max=1.0), 0.0)
+    if surface:
+        keep = keep & torch.isfinite(scale)
+    else:
+        scale = scale.clamp(max=1.0)
+    scale = torch.where(keep, scale, 0.0)
     return scale, keep.to(norms.dtype), torch.cat([norms, total.reshape(1)]).float()
 
 
@@ -65,25 +71,50 @@ def _finite_where_kept(tensors, keep):
     return torch._foreach_pow(tensors, list(keep.unbind()))
 
 
-def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first, *, norms_of=_norms):
+def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first, surface=False, eta=None, *,
+             norms_of=_norms):
     """``norms_of(tensors)``: the vector of ‖t‖₂; :mod:`amp_fused.backends.sharded` passes one that completes the norms
     of local shards across ranks."""
     if not params:
         return torch.zeros(1)
     if first:
         torch._foreach_copy_(backups, params)
-        # Δ = ζ·g, kept implicit: ‖Δ‖ = ζ‖g‖ and params ← θ + (scale·ζ)·g.
-        norms = norms_of(grads) * inner_lr
-        scale, keep, all_norms = projection(norms, epsilon, per_tensor)
-        torch._foreach_addcmul_(params, _finite_where_kept(grads, keep), list((scale * inner_lr).unbind()))
+        if eta is None:
+            # Δ = ζ·g, kept implicit: ‖Δ‖ = ζ‖g‖ and params ← θ + (scale·ζ)·g.
+            norms = norms_of(grads) * inner_lr
+            step = grads
+        else:
+            # ASAM: u = ζ·T·g with T = |θ| + η; ‖u‖ = ζ‖T·g‖ and params ← θ + (scale·ζ)·T²·g.
+            weights = torch._foreach_abs(params)
+            torch._foreach_add_(weights, eta)
+            step = torch._foreach_mul(grads, weights)
+            norms = norms_of(step) * inner_lr
+            torch._foreach_mul_(step, weights)
+        scale, keep, all_norms = projection(norms, epsilon, per_tensor, surface)
+        _add_scaled_(params, _finite_where_kept(step, keep), scale * inner_lr, surface)
         return all_norms
     delta = torch._foreach_sub(params, backups)
     torch._foreach_add_(delta, grads, alpha=inner_lr)
     norms = norms_of(delta)
-    scale, keep, all_norms = projection(norms, epsilon, per_tensor)
+    scale, keep, all_norms = projection(norms, epsilon, per_tensor, surface)
     torch._foreach_copy_(params, backups)
-    torch._foreach_addcmul_(params, _finite_where_kept(delta, keep), list(scale.unbind()))
+    _add_scaled_(params, _finite_where_kept(delta, keep), scale, surface)
     return all_norms
+
+
+def _add_scaled_(params, steps, coefficients, surface):
+    """params += coefficient·step per tensor. The coefficients reach the kernel in the tensors' dtype, and on
+    the surface ε/‖Δ‖ of a small Δ exceeds fp16's range (65504): fp16 tensors form their move in fp32 there."""
+    coefficients = list(coefficients.unbind())
+    half = [i for i, p in enumerate(params) if p.dtype == torch.float16] if surface else []
+    if not half:
+        torch._foreach_addcmul_(params, steps, coefficients)
+        return
+    rest = [i for i in range(len(params)) if params[i].dtype != torch.float16]
+    if rest:
+        torch._foreach_addcmul_([params[i] for i in rest], [steps[i] for i in rest], [coefficients[i] for i in rest])
+    for i in half:
+        params[i].copy_(params[i].float().add_(steps[i].float() * coefficients[i].float()))
 
 
 def restore_(params, backups):

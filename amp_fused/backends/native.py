@@ -33,10 +33,11 @@ class NativeBackend:
 
     # Empty lists are answered here: an op call without any tensor has no device to dispatch on.
     @staticmethod
-    def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first):
+    def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first, surface=False, eta=None):
         if not (params or grads or backups):
             return torch.zeros(1)
-        return torch.ops.amp_fused.perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first)
+        return torch.ops.amp_fused.perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first, surface,
+                                            eta)
 
     @staticmethod
     def restore_(params, backups):

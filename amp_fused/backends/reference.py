@@ -23,33 +23,39 @@ def unavailable_reason():
     return None
 
 
-def _clip_coef(epsilon, norm):
-    return epsilon / (norm + NORM_EPS)
+def _clip_coef(epsilon, norm, surface):
+    """The factor Δ is scaled by (``None``: keep Δ as it is); 0.0 drops it."""
+    if not math.isfinite(norm):
+        return 0.0
+    coef = epsilon / (norm + NORM_EPS)
+    if surface:
+        return coef if math.isfinite(coef) else 0.0
+    return coef if coef < 1 else None  # the original decides on the host whether to project
 
 
-def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first):
+def _scaled(dev, coef):
+    if coef is None:
+        return dev
+    return torch.zeros_like(dev) if coef == 0.0 else coef * dev
+
+
+def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first, surface=False, eta=None):
     old_devs = [torch.zeros_like(d) if first else d.clone() for d in backups]
-    devs = [old + inner_lr * g for old, g in zip(old_devs, grads)]
+    # ASAM (eta): the ascent runs in the coordinates θ/T, T = |θ| + η: u = ζ·T·g there, Δ = T·u back here.
+    weights = [p.abs() + eta for p in params] if eta is not None else None
+    steps = grads if weights is None else [w * g for w, g in zip(weights, grads)]
+    devs = [old + inner_lr * g for old, g in zip(old_devs, steps)]
     # each tensor's norm in float64, so that squaring a finite Δ never overflows
     norms = [torch.linalg.vector_norm(dev, dtype=torch.float64) for dev in devs]
     total = torch.stack(norms).norm() if norms else torch.zeros((), dtype=torch.float64)
     if per_tensor:
-        for i, dev in enumerate(devs):
-            norm = norms[i].item()  # host sync, as in the original
-            if not math.isfinite(norm):
-                devs[i] = torch.zeros_like(dev)
-            else:
-                clip_coef = _clip_coef(epsilon, norm)
-                if clip_coef < 1:
-                    devs[i] = clip_coef * dev
+        # host sync per tensor, as in the original
+        devs = [_scaled(dev, _clip_coef(epsilon, norm.item(), surface)) for dev, norm in zip(devs, norms)]
     else:
-        norm = total.item()
-        if not math.isfinite(norm):
-            devs = [torch.zeros_like(dev) for dev in devs]
-        else:
-            clip_coef = _clip_coef(epsilon, norm)
-            if clip_coef < 1:
-                devs = [clip_coef * dev for dev in devs]
+        coef = _clip_coef(epsilon, total.item(), surface)
+        devs = [_scaled(dev, coef) for dev in devs]
+    if weights is not None:
+        devs = [w * dev for w, dev in zip(weights, devs)]
     for p, old, dev, buf in zip(params, old_devs, devs, backups):
         p.sub_(old).add_(dev)  # θ + Δ_old → θ + Δ, as the original updates it
         buf.copy_(dev)

@@ -117,14 +117,14 @@ def _full_norms(local_tensors, groups) -> torch.Tensor:
     return squares.sqrt().to(dtype)
 
 
-def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first):
+def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first, surface=False, eta=None):
     if not params:
         return torch.zeros(1)
     groups = [_reduction_groups(p, i) for i, p in enumerate(params)]
     local_params, local_grads, local_backups = _locals("perturb_", params, grads=grads, backups=backups)
-    checks.check_perturb(local_params, local_grads, local_backups, epsilon, inner_lr)
+    checks.check_perturb(local_params, local_grads, local_backups, epsilon, inner_lr, first=first, eta=eta)
     return foreach.perturb_(local_params, local_grads, local_backups, epsilon, inner_lr, per_tensor, first,
-                            norms_of=lambda tensors: _full_norms(tensors, groups))
+                            surface, eta, norms_of=lambda tensors: _full_norms(tensors, groups))
 
 
 def restore_(params, backups):

@@ -9,6 +9,10 @@
 // non-finite is summed again with every Δ squared in double, so finite fp32/fp16/bf16 inputs never overflow
 // the norm (see chunk_sum_squares_wide).
 //
+// perturb_'s modes: `surface` changes only the per-tensor scale (amp_math.h projection_scale). `eta` (ASAM)
+// makes the ascent variable u = ζ·T·g with T = |θ| + η: both passes then read θ (= params, a first ascent)
+// and form T from it, in kernels instantiated apart (Weighted = true), so the unweighted loops are unchanged.
+//
 // Every op first checks the argument contract (csrc/checks.h, the same as amp_fused/checks.py), then that the
 // tensors are on the CPU, before anything is written.
 #include <ATen/Dispatch.h>
@@ -17,6 +21,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/Optional.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -120,14 +125,16 @@ scalar_t* data_of(const at::Tensor& t) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
 
 // Σ Δ² over one chunk, Δ = ascent_delta (first: ζ·g, else (p − θ) + ζ·g), in the compute type.
-template <typename scalar_t>
+// Weighted (ASAM, first ascents only): Σ u² with u = ζ·T·g, T = |p| + η (p = θ).
+template <typename scalar_t, bool Weighted>
 at::opmath_type<scalar_t> chunk_sum_squares(const at::Tensor& param, const at::Tensor& grad,
                                             const at::Tensor& backup, const Chunk& c, double inner_lr,
-                                            bool first) {
+                                            bool first, double eta) {
   using IO = BlockIO<scalar_t>;
   using opmath_t = typename IO::opmath_t;
   using Vec = typename IO::Vec;
   const opmath_t lr = static_cast<opmath_t>(inner_lr);
+  const opmath_t e = static_cast<opmath_t>(eta);
   const scalar_t* g = data_of<scalar_t>(grad) + c.begin;
   const scalar_t* p = data_of<scalar_t>(param) + c.begin;
   const scalar_t* b = data_of<scalar_t>(backup) + c.begin;
@@ -142,12 +149,19 @@ at::opmath_type<scalar_t> chunk_sum_squares(const at::Tensor& param, const at::T
     for_each_block<IO::kBlock>(begin, end, [&](int64_t i, auto count) {
       Vec g_lo, g_hi, p_lo(opmath_t(0)), p_hi(opmath_t(0)), b_lo(opmath_t(0)), b_hi(opmath_t(0));
       IO::load(g + i, count, g_lo, g_hi);
-      if (!first) {  // the first ascent's Δ needs only the gradient
+      Vec d_lo, d_hi;
+      if constexpr (Weighted) {  // lanes past the chunk: T = η, g = 0, so u = 0
         IO::load(p + i, count, p_lo, p_hi);
-        IO::load(b + i, count, b_lo, b_hi);
+        d_lo = weighted_ascent(element_weight(p_lo, e), g_lo, lr);
+        d_hi = weighted_ascent(element_weight(p_hi, e), g_hi, lr);
+      } else {
+        if (!first) {  // the first ascent's Δ needs only the gradient
+          IO::load(p + i, count, p_lo, p_hi);
+          IO::load(b + i, count, b_lo, b_hi);
+        }
+        d_lo = ascent_delta(p_lo, b_lo, g_lo, lr, first);
+        d_hi = ascent_delta(p_hi, b_hi, g_hi, lr, first);
       }
-      const Vec d_lo = ascent_delta(p_lo, b_lo, g_lo, lr, first);
-      const Vec d_hi = ascent_delta(p_hi, b_hi, g_hi, lr, first);
       seg_lo = seg_lo + d_lo * d_lo;
       seg_hi = seg_hi + d_hi * d_hi;
     });
@@ -170,20 +184,25 @@ at::opmath_type<scalar_t> chunk_sum_squares(const at::Tensor& param, const at::T
 // (A Δ that is itself beyond fp32's range, |ζ·g| > 3.4e38, stays infinite, so that tensor's Δ is dropped
 // rather than applied as Inf; if the sum stays non-finite otherwise, the input held a NaN or Inf.)
 // Only reached on overflow or NaN/Inf, so a plain scalar loop.
-template <typename scalar_t>
+template <typename scalar_t, bool Weighted>
 double chunk_sum_squares_wide(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& backup,
-                              const Chunk& c, double inner_lr, bool first) {
+                              const Chunk& c, double inner_lr, bool first, double eta) {
   using opmath_t = at::opmath_type<scalar_t>;
   const opmath_t lr = static_cast<opmath_t>(inner_lr);
+  const opmath_t e = static_cast<opmath_t>(eta);
   const scalar_t* g = data_of<scalar_t>(grad) + c.begin;
   const scalar_t* p = data_of<scalar_t>(param) + c.begin;
   const scalar_t* b = data_of<scalar_t>(backup) + c.begin;
   double sum = 0.0;
   for (int64_t i = 0; i < c.size; ++i) {
     const opmath_t g_i = static_cast<opmath_t>(g[i]);
-    const opmath_t delta = first ? ascent_delta(opmath_t(0), opmath_t(0), g_i, lr, true)
-                                 : ascent_delta(static_cast<opmath_t>(p[i]), static_cast<opmath_t>(b[i]), g_i, lr,
-                                                false);
+    opmath_t delta;
+    if constexpr (Weighted) {
+      delta = weighted_ascent(element_weight(static_cast<opmath_t>(p[i]), e), g_i, lr);
+    } else {
+      delta = first ? ascent_delta(opmath_t(0), opmath_t(0), g_i, lr, true)
+                    : ascent_delta(static_cast<opmath_t>(p[i]), static_cast<opmath_t>(b[i]), g_i, lr, false);
+    }
     const double d = static_cast<double>(delta);
     sum += d * d;
   }
@@ -191,14 +210,16 @@ double chunk_sum_squares_wide(const at::Tensor& param, const at::Tensor& grad, c
 }
 
 // params ← θ + scale·Δ over one chunk; the first ascent also saves θ into backups, reading params once.
-template <typename scalar_t>
+// Weighted (ASAM, first ascents only): params ← θ + scale·(T·u), u = ζ·T·g, T = |θ| + η.
+template <typename scalar_t, bool Weighted>
 void chunk_perturb(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& backup, const Chunk& c,
-                   double inner_lr, double scale, bool first) {
+                   double inner_lr, double scale, bool first, double eta) {
   using IO = BlockIO<scalar_t>;
   using opmath_t = typename IO::opmath_t;
   using Vec = typename IO::Vec;
   const opmath_t lr = static_cast<opmath_t>(inner_lr);
   const opmath_t s = static_cast<opmath_t>(scale);
+  const opmath_t e = static_cast<opmath_t>(eta);
   scalar_t* p = data_of<scalar_t>(param) + c.begin;
   const scalar_t* g = data_of<scalar_t>(grad) + c.begin;
   scalar_t* b = data_of<scalar_t>(backup) + c.begin;
@@ -221,8 +242,16 @@ void chunk_perturb(const at::Tensor& param, const at::Tensor& grad, const at::Te
     } else {
       IO::load(b + i, count, b_lo, b_hi);
     }
-    const Vec out_lo = perturbed_value(b_lo, ascent_delta(p_lo, b_lo, g_lo, lr, first), s);
-    const Vec out_hi = perturbed_value(b_hi, ascent_delta(p_hi, b_hi, g_hi, lr, first), s);
+    Vec out_lo, out_hi;
+    if constexpr (Weighted) {
+      const Vec w_lo = element_weight(b_lo, e);
+      const Vec w_hi = element_weight(b_hi, e);
+      out_lo = weighted_perturbed_value(b_lo, w_lo, weighted_ascent(w_lo, g_lo, lr), s);
+      out_hi = weighted_perturbed_value(b_hi, w_hi, weighted_ascent(w_hi, g_hi, lr), s);
+    } else {
+      out_lo = perturbed_value(b_lo, ascent_delta(p_lo, b_lo, g_lo, lr, first), s);
+      out_hi = perturbed_value(b_hi, ascent_delta(p_hi, b_hi, g_hi, lr, first), s);
+    }
     IO::store(p + i, count, out_lo, out_hi);
   });
 }
@@ -269,30 +298,39 @@ void check_on_cpu(const char* op, at::TensorList params) {
 }
 
 at::Tensor perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups, double epsilon,
-                       double inner_lr, bool per_tensor, bool first) {
-  checks::check_perturb(params, grads, backups, epsilon, inner_lr);
+                       double inner_lr, bool per_tensor, bool first, bool surface, c10::optional<double> eta) {
+  checks::check_perturb(params, grads, backups, epsilon, inner_lr, first, eta);
   check_on_cpu("perturb_", params);
+  const bool weighted = eta.has_value();  // (then first: checked)
+  const double eta_value = eta.value_or(0.0);
   const auto n = static_cast<int64_t>(params.size());
   const std::vector<Chunk> chunks = plan_chunks(params);
 
-  // Pass 1: Σ Δ² per chunk; a float sum that overflowed (or met a NaN/Inf) is summed again in double.
-  // fp64 tensors are summed in double from the start; their ‖Δ‖ can still overflow above ~1.3e154.
+  // Pass 1: Σ Δ² (weighted: Σ u²) per chunk; a float sum that overflowed (or met a NaN/Inf) is summed again
+  // in double. fp64 tensors are summed in double from the start; their ‖Δ‖ can still overflow above ~1.3e154.
   std::vector<double> chunk_sums(chunks.size());
-  for_each_chunk(chunks, params, [&](int64_t k) {
+  auto sum_chunk = [&](auto weighted_tag, int64_t k) {
+    constexpr bool kWeighted = decltype(weighted_tag)::value;
     const Chunk& c = chunks[k];
     AMP_FUSED_DISPATCH(params[c.tensor].scalar_type(), "amp_fused::perturb_", [&] {
       const at::Tensor& p = params[c.tensor];
       const at::Tensor& g = grads[c.tensor];
       const at::Tensor& b = backups[c.tensor];
-      double sum = static_cast<double>(chunk_sum_squares<scalar_t>(p, g, b, c, inner_lr, first));
+      double sum =
+          static_cast<double>(chunk_sum_squares<scalar_t, kWeighted>(p, g, b, c, inner_lr, first, eta_value));
       if constexpr (!std::is_same_v<at::opmath_type<scalar_t>, double>) {
         if (!std::isfinite(sum)) {
-          sum = chunk_sum_squares_wide<scalar_t>(p, g, b, c, inner_lr, first);
+          sum = chunk_sum_squares_wide<scalar_t, kWeighted>(p, g, b, c, inner_lr, first, eta_value);
         }
       }
       chunk_sums[k] = sum;
     });
-  });
+  };
+  if (weighted) {
+    for_each_chunk(chunks, params, [&](int64_t k) { sum_chunk(std::true_type{}, k); });
+  } else {
+    for_each_chunk(chunks, params, [&](int64_t k) { sum_chunk(std::false_type{}, k); });
+  }
 
   // Per tensor, then over all tensors, in a fixed order.
   std::vector<double> tensor_sums(n, 0.0);
@@ -306,17 +344,23 @@ at::Tensor perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
   const double total_norm = std::sqrt(total_sum);
   std::vector<double> scales(n);
   for (int64_t i = 0; i < n; ++i) {
-    scales[i] = projection_scale(per_tensor ? std::sqrt(tensor_sums[i]) : total_norm, epsilon);
+    scales[i] = projection_scale(per_tensor ? std::sqrt(tensor_sums[i]) : total_norm, epsilon, surface);
   }
 
-  // Pass 2: params ← θ + scale·Δ (first: backups ← θ as well).
-  for_each_chunk(chunks, params, [&](int64_t k) {
+  // Pass 2: params ← θ + scale·Δ (weighted: θ + scale·T·u; first: backups ← θ as well).
+  auto apply_chunk = [&](auto weighted_tag, int64_t k) {
+    constexpr bool kWeighted = decltype(weighted_tag)::value;
     const Chunk& c = chunks[k];
     AMP_FUSED_DISPATCH(params[c.tensor].scalar_type(), "amp_fused::perturb_", [&] {
-      chunk_perturb<scalar_t>(params[c.tensor], grads[c.tensor], backups[c.tensor], c, inner_lr, scales[c.tensor],
-                              first);
+      chunk_perturb<scalar_t, kWeighted>(params[c.tensor], grads[c.tensor], backups[c.tensor], c, inner_lr,
+                                         scales[c.tensor], first, eta_value);
     });
-  });
+  };
+  if (weighted) {
+    for_each_chunk(chunks, params, [&](int64_t k) { apply_chunk(std::true_type{}, k); });
+  } else {
+    for_each_chunk(chunks, params, [&](int64_t k) { apply_chunk(std::false_type{}, k); });
+  }
 
   at::Tensor norms = at::empty({n + 1}, params.empty() ? at::TensorOptions().dtype(at::kFloat)
                                                        : params[0].options().dtype(at::kFloat));

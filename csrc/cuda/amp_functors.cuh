@@ -14,17 +14,20 @@
 namespace amp_fused::cuda {
 
 // Pass 1 of perturb_: this thread's share of ‖Δ‖² over the chunk (the kernel sums the block and stores one
-// partial per chunk). Lists: first ascent {grads}; later ascents {params, backups, grads}. Δ is formed in
+// partial per chunk). Lists: first ascent {grads}; later ascents {params, backups, grads}; weighted (ASAM,
+// first ascents only) {params, grads}, with ‖u‖², u = ζ·T·g, T = |θ| + η (θ = params). Δ is formed in
 // opmath, as the apply pass forms it; each Δ² and the sums are double, so a finite fp32 Δ (Δ² ≤ ~1.2e77)
 // never overflows the norm (an fp32 sum overflows once |Δ| reaches ~1.8e19). fp64 tensors: a ‖Δ‖ above
 // ~1.3e154 still overflows.
-template <typename scalar_t, bool First>
+template <typename scalar_t, bool First, bool Weighted = false>
 struct SumSquaresFunctor {
+  static_assert(First || !Weighted, "the weighted ascent is a first ascent");
   using opmath_t = at::opmath_type<scalar_t>;
-  static constexpr int kDepth = First ? 1 : 3;
+  static constexpr int kDepth = Weighted ? 2 : (First ? 1 : 3);
   static constexpr int kWidth = kILP<scalar_t>;  // elements per 16-byte group
 
   opmath_t inner_lr;
+  opmath_t eta;  // read when Weighted
 
   AMP_FUSED_HD double operator()(const TensorListMetadata<kDepth>& meta, int block, int thread) const {
     const ChunkRef c = locate_chunk(meta, block);
@@ -32,7 +35,10 @@ struct SumSquaresFunctor {
     const scalar_t* param = nullptr;
     const scalar_t* backup = nullptr;
     bool vector_ok = pack_aligned(grad);
-    if constexpr (!First) {
+    if constexpr (Weighted) {
+      param = chunk_data<scalar_t>(meta, 0, c);
+      vector_ok = vector_ok && pack_aligned(param);
+    } else if constexpr (!First) {
       param = chunk_data<scalar_t>(meta, 0, c);
       backup = chunk_data<scalar_t>(meta, 1, c);
       vector_ok = vector_ok && pack_aligned(param) && pack_aligned(backup);
@@ -42,7 +48,16 @@ struct SumSquaresFunctor {
     for (int i = thread * kWidth; i < c.size; i += kBlockSize * kWidth) {
       scalar_t g[kWidth];
       load_group(g, grad, i, c.size, vector_ok);
-      if constexpr (First) {
+      if constexpr (Weighted) {
+        scalar_t p[kWidth];
+        load_group(p, param, i, c.size, vector_ok);
+        AMP_FUSED_UNROLL
+        for (int j = 0; j < kWidth; ++j) {
+          const opmath_t weight = element_weight(static_cast<opmath_t>(p[j]), eta);
+          const double u = static_cast<double>(weighted_ascent(weight, static_cast<opmath_t>(g[j]), inner_lr));
+          acc[j] += u * u;  // zero past the chunk's end: g = 0 there
+        }
+      } else if constexpr (First) {
         AMP_FUSED_UNROLL
         for (int j = 0; j < kWidth; ++j) {
           const double delta = static_cast<double>(
@@ -68,15 +83,18 @@ struct SumSquaresFunctor {
 
 // Pass 2 of perturb_: params ← θ + scale·Δ with the tensor's scale from the norm pass (0 when its norm, or
 // the global one, is not finite: params become exactly θ). First ascent: θ is params, and it is also
-// copied to backups in this pass. Lists: {params, backups, grads}.
-template <typename scalar_t, bool First>
+// copied to backups in this pass. Weighted (ASAM, first ascents only): params ← θ + scale·(T·u), u = ζ·T·g,
+// T = |θ| + η. Lists: {params, backups, grads}.
+template <typename scalar_t, bool First, bool Weighted = false>
 struct PerturbApplyFunctor {
+  static_assert(First || !Weighted, "the weighted ascent is a first ascent");
   using opmath_t = at::opmath_type<scalar_t>;
   static constexpr int kDepth = 3;
   static constexpr int kWidth = kILP<scalar_t>;  // elements per 16-byte group
 
   const double* scales;  // indexed by list index
   opmath_t inner_lr;
+  opmath_t eta;  // read when Weighted
 
   AMP_FUSED_HD void operator()(const TensorListMetadata<kDepth>& meta, int block, int thread) const {
     const ChunkRef c = locate_chunk(meta, block);
@@ -102,8 +120,14 @@ struct PerturbApplyFunctor {
         if constexpr (!First) {
           theta = static_cast<opmath_t>(b[j]);
         }
-        const opmath_t delta = ascent_delta(current, theta, static_cast<opmath_t>(g[j]), inner_lr, First);
-        out[j] = static_cast<scalar_t>(perturbed_value(theta, delta, scale));
+        if constexpr (Weighted) {
+          const opmath_t weight = element_weight(theta, eta);
+          const opmath_t u = weighted_ascent(weight, static_cast<opmath_t>(g[j]), inner_lr);
+          out[j] = static_cast<scalar_t>(weighted_perturbed_value(theta, weight, u, scale));
+        } else {
+          const opmath_t delta = ascent_delta(current, theta, static_cast<opmath_t>(g[j]), inner_lr, First);
+          out[j] = static_cast<scalar_t>(perturbed_value(theta, delta, scale));
+        }
       }
       if constexpr (First) {
         store_group(backup, p, i, c.size, vector_ok);  // the stored bits of θ, not a round trip

@@ -14,8 +14,11 @@
 //      sum in fp64, so finite fp32/fp16/bf16 inputs never overflow the norm);
 //   2. one block per tensor adds its chunk partials in order (fp64);
 //   3. one block adds the per-tensor sums in order for the global norm, writes the fp32 norms and each
-//      tensor's scale from amp_fused::projection_scale;
+//      tensor's scale from amp_fused::projection_scale (ball or, `surface`, sphere);
 //   4. apply pass: params ← θ + scale·Δ (first ascent: also backups ← θ).
+// With `eta` (ASAM, first ascents only) the ascent variable is u = ζ·T·g, T = |θ| + η: step 1 sums u² from
+// {params, grads}, step 4 writes θ + scale·(T·u); separate functor instantiations, so the other paths keep
+// their code.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -23,6 +26,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/util/Optional.h>
 #include <torch/library.h>
 
 #include <array>
@@ -69,8 +73,8 @@ __global__ void __launch_bounds__(kSumThreads)
 // One block: the global sum of squares from the n per-tensor sums (fixed order), the fp32 norms (n per
 // tensor, then the global one) and every tensor's projection scale.
 __global__ void __launch_bounds__(kFinalizeThreads)
-    finalize_norms_kernel(const double* sums, int64_t n, double epsilon, bool per_tensor, float* norms,
-                          double* scales) {
+    finalize_norms_kernel(const double* sums, int64_t n, double epsilon, bool per_tensor, bool surface,
+                          float* norms, double* scales) {
   __shared__ double total_norm;
   double acc = 0.0;
   for (int64_t t = threadIdx.x; t < n; t += kFinalizeThreads) {
@@ -85,7 +89,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   for (int64_t t = threadIdx.x; t < n; t += kFinalizeThreads) {
     const double norm = ::sqrt(sums[t]);
     norms[t] = static_cast<float>(norm);
-    scales[t] = projection_scale(per_tensor ? norm : total_norm, epsilon);
+    scales[t] = projection_scale(per_tensor ? norm : total_norm, epsilon, surface);
   }
 }
 
@@ -168,10 +172,12 @@ void launch_sum_partials(at::TensorList params, const std::vector<int64_t>& firs
 // ---- the ops -----------------------------------------------------------------------------------------
 
 at::Tensor perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList backups, double epsilon,
-                        double inner_lr, bool per_tensor, bool first) {
+                        double inner_lr, bool per_tensor, bool first, bool surface, c10::optional<double> eta) {
   constexpr const char* op = "amp_fused::perturb_";
-  checks::check_perturb(params, grads, backups, epsilon, inner_lr);
+  checks::check_perturb(params, grads, backups, epsilon, inner_lr, first, eta);
   check_on_cuda("perturb_", params);
+  const bool weighted = eta.has_value();  // (then first: checked)
+  const double eta_value = eta.value_or(0.0);
   TORCH_CHECK_VALUE(params.size() < static_cast<size_t>(INT32_MAX), "amp_fused.perturb_: too many tensors (",
                     params.size(), ")");
   const int64_t n = static_cast<int64_t>(params.size());
@@ -199,15 +205,21 @@ at::Tensor perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorL
   for (const DtypeGroup& group : groups) {
     std::vector<int64_t> group_first;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, group.dtype, "amp_fused::perturb_", [&] {
-      const auto lr = static_cast<at::opmath_type<scalar_t>>(inner_lr);
-      if (first) {
+      using opmath_t = at::opmath_type<scalar_t>;
+      const auto lr = static_cast<opmath_t>(inner_lr);
+      const auto e = static_cast<opmath_t>(eta_value);
+      if (weighted) {
+        const auto slots = make_slots<2>(group.indices, {params, grads}, {false, false});
+        next_chunk += multi_tensor_reduce<2>(slots, SumSquaresFunctor<scalar_t, true, true>{lr, e}, partials,
+                                             next_chunk, stream, &group_first);
+      } else if (first) {
         next_chunk += multi_tensor_reduce<1>(make_slots<1>(group.indices, {grads}, {false}),
-                                             SumSquaresFunctor<scalar_t, true>{lr}, partials, next_chunk, stream,
+                                             SumSquaresFunctor<scalar_t, true>{lr, e}, partials, next_chunk, stream,
                                              &group_first);
       } else {
         const auto slots = make_slots<3>(group.indices, {params, backups, grads}, {false, false, false});
-        next_chunk += multi_tensor_reduce<3>(slots, SumSquaresFunctor<scalar_t, false>{lr}, partials, next_chunk,
-                                             stream, &group_first);
+        next_chunk += multi_tensor_reduce<3>(slots, SumSquaresFunctor<scalar_t, false>{lr, e}, partials,
+                                             next_chunk, stream, &group_first);
       }
     });
     for (size_t k = 0; k < group.indices.size(); ++k) {
@@ -219,19 +231,23 @@ at::Tensor perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorL
 
   // 2. and 3. Per-tensor sums, global sum, norms and scales.
   launch_sum_partials(params, first_chunk, partials, sums, stream);
-  finalize_norms_kernel<<<1, kFinalizeThreads, 0, stream>>>(sums, n, epsilon, per_tensor,
+  finalize_norms_kernel<<<1, kFinalizeThreads, 0, stream>>>(sums, n, epsilon, per_tensor, surface,
                                                             norms.mutable_data_ptr<float>(), scales);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // 4. Apply.
   for (const DtypeGroup& group : groups) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, group.dtype, "amp_fused::perturb_", [&] {
-      const auto lr = static_cast<at::opmath_type<scalar_t>>(inner_lr);
+      using opmath_t = at::opmath_type<scalar_t>;
+      const auto lr = static_cast<opmath_t>(inner_lr);
+      const auto e = static_cast<opmath_t>(eta_value);
       const auto slots = make_slots<3>(group.indices, {params, backups, grads}, {true, first, false});
-      if (first) {
-        multi_tensor_apply<3>(slots, PerturbApplyFunctor<scalar_t, true>{scales, lr}, stream);
+      if (weighted) {
+        multi_tensor_apply<3>(slots, PerturbApplyFunctor<scalar_t, true, true>{scales, lr, e}, stream);
+      } else if (first) {
+        multi_tensor_apply<3>(slots, PerturbApplyFunctor<scalar_t, true>{scales, lr, e}, stream);
       } else {
-        multi_tensor_apply<3>(slots, PerturbApplyFunctor<scalar_t, false>{scales, lr}, stream);
+        multi_tensor_apply<3>(slots, PerturbApplyFunctor<scalar_t, false>{scales, lr, e}, stream);
       }
     });
   }
