@@ -6,7 +6,9 @@ op runs), ``op`` the op alone on gradients gathered beforehand. On a GPU both ar
 asynchronously). On CPU tensors the ``reference``, ``foreach`` and ``cpu`` backends compute inside the call, so
 their numbers include the work; the Triton backend runs on CPU tensors only under its interpreter, so there it is
 timed with the launches stubbed out: everything up to the kernel launch (checks, tables, allocations) and nothing
-after. Its rows carry the target of issue 12: at most ``TARGET_US + TARGET_US_PER_TENSOR * tensors`` per ``op``.
+after. Its rows carry the target of issue 12: at most ``TARGET_US + TARGET_US_PER_TENSOR * tensors`` per ``op``, and
+say whether its per-call passes (the address check of the lists passed anew, the version bumps of the written ones)
+ran in C++ (``amp_fused._C`` loaded) or in Python (``host_passes``).
 """
 from __future__ import annotations
 
@@ -62,6 +64,13 @@ def triton_launches_stubbed():
         yield
     finally:
         ops._kernels_for = real
+
+
+def triton_host_passes() -> str:
+    """Where the Triton backend's per-call passes run in this process: "C++" (amp_fused._C) or "Python"."""
+    from amp_fused.triton import metadata
+
+    return "C++" if metadata.native() is not None else "Python"
 
 
 def stubbed(name: str, device: str) -> bool:
@@ -161,10 +170,11 @@ def to_json(rows: list[Row]) -> list[dict]:
                "call_us": r.call.median * 1e6, "op_us": r.op_only.median * 1e6,
                "call_iqr_us": r.call.iqr * 1e6, "op_iqr_us": r.op_only.iqr * 1e6,
                "op_us_per_tensor": r.op_only.median * 1e6 / r.tensors, "samples": r.call.samples,
-               "launches_stubbed": r.stubbed, "target_us": None, "meets_target": None}
+               "launches_stubbed": r.stubbed, "target_us": None, "meets_target": None, "host_passes": None}
         if r.backend == "triton":
             row["target_us"] = target_us(r.tensors)
             row["meets_target"] = row["op_us"] <= row["target_us"]
+            row["host_passes"] = triton_host_passes()
         out.append(row)
     return out
 
@@ -177,7 +187,8 @@ def host_text(rows: list[dict]) -> str:
         "and checking the gradients + the op, op = the op alone",
         "(on CPU tensors reference/foreach/cpu compute inside the call; triton on CPU: launches stubbed, the host "
         f"side up to the launch; its target: {TARGET_US:g} us + {TARGET_US_PER_TENSOR:g} us/tensor per op)",
-    ])
+    ] + [f"(triton's per-call address checks and version bumps: in {passes})"
+         for passes in dict.fromkeys(r.get("host_passes") for r in rows if r.get("host_passes"))])
     columns = [("set", "<"), ("tensors", ">"), ("backend", "<"), ("op", "<"), ("call us", ">"), ("op us", ">"),
                ("op us/tensor", ">"), ("target us", ">"), ("meets", "<")]
     cells = [[r["params"], str(r["tensors"]), r["backend"] + (" (no launch)" if r["launches_stubbed"] else ""),

@@ -9,6 +9,14 @@ Norms are reduced in ``ACC``, which the host passes as fp64 for every dtype (``o
 squared in fp64 and the partial sums are fp64, so finite fp32/fp16/bf16 inputs never overflow the norm. The
 reduction runs in a fixed order and without atomics, so the norms are bitwise reproducible.
 
+``perturb_``'s two modes are constexpr flags, so the default kernels (both False) are the code they were
+without them: ``SURFACE`` (SAM: scale = ε / (‖u‖ + NORM_EPS) without the min; a scale that overflows, in the
+scale pass's fp64 or in the tensor's compute type, is 0: with a global norm over fp32 and fp64 tensors a scale
+above fp32's range drops only the fp32/fp16/bf16 tensors' Δ) and ``WEIGHTED`` (ASAM, first ascents only: element
+weights T = |θ| + η in the compute type, η a runtime argument; the ascent variable u = ζ·(T·g) is what the
+norms measure and the scale projects, and params ← θ + T·(scale·u): scale·u lies in the ε-ball, so this
+order does not overflow where forming T·u first could). Without WEIGHTED, u is the plain Δ.
+
 A program whose chunk lies wholly inside its tensor runs without masks (only a tensor's last chunk
 is ragged). Alignment is decided per program, so per tensor: when every address the program uses is a
 multiple of 16 bytes (checked in the kernel, one integer test), its unmasked accesses take the path whose
@@ -125,27 +133,44 @@ def _sqrt(x, ACC: tl.constexpr):
 
 
 @triton.jit
-def _projection_scale(norm, epsilon, ACC: tl.constexpr):
-    """min(1, ε / (‖Δ‖ + NORM_EPS)), and 0 when ‖Δ‖ is not finite (NaN or Inf)."""
+def _projection_scale(norm, epsilon, ACC: tl.constexpr, SURFACE: tl.constexpr):
+    """min(1, ε / (‖Δ‖ + NORM_EPS)), and 0 when ‖Δ‖ is not finite (NaN or Inf). SURFACE: ε / (‖Δ‖ + NORM_EPS)
+    (Δ onto the sphere), 0 as well when that ratio overflows."""
     denominator = norm + _NORM_EPS
     if ACC == tl.float64:
         ratio = epsilon / denominator
     else:
         ratio = tl.div_rn(epsilon, denominator)
-    return tl.where(norm < _INF, tl.minimum(ratio, 1.0), 0.0)
+    if SURFACE:
+        scale = tl.where((norm < _INF) & (ratio < _INF), ratio, 0.0)
+    else:
+        scale = tl.where(norm < _INF, tl.minimum(ratio, 1.0), 0.0)
+    return scale
+
+
+@triton.jit
+def _weighted_ascent(grad, theta, zeta, eta):
+    """(u, T) of a weighted first ascent, in the compute type: T = |θ| + η, u = ζ·(T·g). The one spelling of u
+    for the sum-of-squares and apply passes, which must agree bit for bit."""
+    weight = tl.abs(theta) + eta
+    return zeta * (weight * grad), weight
 
 
 # -- perturb_: three passes --------------------------------------------------------------------------
 
 @triton.jit
-def _sumsq_chunk(param, grad, backup, start, numel, zeta, MASKED: tl.constexpr, FIRST: tl.constexpr,
-                 DTYPE: tl.constexpr, COMPUTE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr,
-                 BLOCK: tl.constexpr):
+def _sumsq_chunk(param, grad, backup, start, numel, zeta, eta, MASKED: tl.constexpr, FIRST: tl.constexpr,
+                 WEIGHTED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr, ACC: tl.constexpr,
+                 CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     acc = tl.zeros([BLOCK], ACC)
     for block in tl.static_range(0, CHUNK, BLOCK):
         offs = start + block + tl.arange(0, BLOCK)
         mask = (offs < numel) if MASKED else None
-        delta = zeta * _load(grad, offs, mask, DTYPE, COMPUTE)
+        if WEIGHTED:  # first ascents only (the op layer's contract): θ is params
+            delta, _ = _weighted_ascent(_load(grad, offs, mask, DTYPE, COMPUTE),
+                                        _load(param, offs, mask, DTYPE, COMPUTE), zeta, eta)
+        else:
+            delta = zeta * _load(grad, offs, mask, DTYPE, COMPUTE)
         if not FIRST:
             delta = (_load(param, offs, mask, DTYPE, COMPUTE) - _load(backup, offs, mask, DTYPE, COMPUTE)) + delta
         delta = delta.to(ACC)
@@ -156,33 +181,40 @@ def _sumsq_chunk(param, grad, backup, start, numel, zeta, MASKED: tl.constexpr, 
 @triton.jit
 def perturb_sumsq_kernel(param_ptrs, grad_ptrs, backup_ptrs, numels, prog_tensor, prog_offset, partials, prog_base,
                          inner_lr: tl.float64, FIRST: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
-                         ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Pass 1: partials[pid] = Σ Δ² over this program's chunk, Δ = ζg (FIRST) or (params − backups) + ζg."""
+                         ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, eta: tl.float64 = 0.0,
+                         WEIGHTED: tl.constexpr = False):
+    """Pass 1: partials[pid] = Σ u² over this program's chunk, u = ζg (FIRST) or (params − backups) + ζg;
+    WEIGHTED (with FIRST): u = ζ·(T·g), T = |params| + eta."""
+    tl.static_assert(FIRST or not WEIGHTED, "the weighted ascent is a first ascent")
     pid, t, start, numel = _program(prog_tensor, prog_offset, numels, prog_base, CHUNK)
     zeta = _as(inner_lr, COMPUTE)
+    if WEIGHTED:
+        eta_c = _as(eta, COMPUTE)
+    else:
+        eta_c = None
     param = tl.load(param_ptrs + t)
     grad = tl.load(grad_ptrs + t)
     backup = tl.load(backup_ptrs + t)
     if start + CHUNK <= numel:
         if _all_aligned(param, grad, backup, param):
             sumsq = _sumsq_chunk(_pointer(param, DTYPE, True), _pointer(grad, DTYPE, True),
-                                 _pointer(backup, DTYPE, True), start, numel, zeta, False, FIRST, DTYPE, COMPUTE, ACC,
-                                 CHUNK, BLOCK)
+                                 _pointer(backup, DTYPE, True), start, numel, zeta, eta_c, False, FIRST, WEIGHTED,
+                                 DTYPE, COMPUTE, ACC, CHUNK, BLOCK)
         else:
             sumsq = _sumsq_chunk(_pointer(param, DTYPE, False), _pointer(grad, DTYPE, False),
-                                 _pointer(backup, DTYPE, False), start, numel, zeta, False, FIRST, DTYPE, COMPUTE,
-                                 ACC, CHUNK, BLOCK)
+                                 _pointer(backup, DTYPE, False), start, numel, zeta, eta_c, False, FIRST, WEIGHTED,
+                                 DTYPE, COMPUTE, ACC, CHUNK, BLOCK)
     else:
         sumsq = _sumsq_chunk(_pointer(param, DTYPE, False), _pointer(grad, DTYPE, False),
-                             _pointer(backup, DTYPE, False), start, numel, zeta, True, FIRST, DTYPE, COMPUTE, ACC,
-                             CHUNK, BLOCK)
+                             _pointer(backup, DTYPE, False), start, numel, zeta, eta_c, True, FIRST, WEIGHTED, DTYPE,
+                             COMPUTE, ACC, CHUNK, BLOCK)
     tl.store(partials + pid, sumsq)
 
 
 @triton.jit
 def perturb_scale_kernel(partials, first_prog, n_chunks, block_chunks, norms, scales, n, epsilon: tl.float64,
                          PER_TENSOR: tl.constexpr, ACC: tl.constexpr, T_BLOCK: tl.constexpr,
-                         C_BLOCK: tl.constexpr):
+                         C_BLOCK: tl.constexpr, SURFACE: tl.constexpr = False):
     """Pass 2, one program: per-tensor sums of the partials in a fixed order, the norms (n per-tensor,
     then the global one from the per-tensor sums) and the scale of every tensor. Each block of T_BLOCK
     tensors loops to its own largest chunk count (``block_chunks``), not the list's: a huge tensor costs
@@ -203,19 +235,20 @@ def perturb_scale_kernel(partials, first_prog, n_chunks, block_chunks, norms, sc
         tl.store(norms + ts, norm.to(tl.float32), mask=t_mask)
         total += sumsq
         if PER_TENSOR:
-            tl.store(scales + ts, _projection_scale(norm, eps, ACC), mask=t_mask)
+            tl.store(scales + ts, _projection_scale(norm, eps, ACC, SURFACE), mask=t_mask)
     total_norm = _sqrt(tl.sum(total), ACC)
     tl.store(norms + n, total_norm.to(tl.float32))
     if not PER_TENSOR:
-        scale = tl.zeros([T_BLOCK], ACC) + _projection_scale(total_norm, eps, ACC)
+        scale = tl.zeros([T_BLOCK], ACC) + _projection_scale(total_norm, eps, ACC, SURFACE)
         for t0 in range(0, n, T_BLOCK):
             ts = t0 + tl.arange(0, T_BLOCK)
             tl.store(scales + ts, scale, mask=ts < n)
 
 
 @triton.jit
-def _apply_chunk(param, grad, backup, start, numel, zeta, scale, moves, MASKED: tl.constexpr, FIRST: tl.constexpr,
-                 DTYPE: tl.constexpr, COMPUTE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _apply_chunk(param, grad, backup, start, numel, zeta, eta, scale, moves, MASKED: tl.constexpr,
+                 FIRST: tl.constexpr, WEIGHTED: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
+                 CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     for block in tl.static_range(0, CHUNK, BLOCK):
         offs = start + block + tl.arange(0, BLOCK)
         mask = (offs < numel) if MASKED else None
@@ -226,10 +259,14 @@ def _apply_chunk(param, grad, backup, start, numel, zeta, scale, moves, MASKED: 
             theta_raw = _load_raw(backup, offs, mask)
         if moves:
             theta = _to_compute(theta_raw, DTYPE, COMPUTE)
-            delta = zeta * _load(grad, offs, mask, DTYPE, COMPUTE)
-            if not FIRST:
-                delta = (_load(param, offs, mask, DTYPE, COMPUTE) - theta) + delta
-            tl.store(param + offs, _to_storage(theta + scale * delta, DTYPE), mask=mask)
+            if WEIGHTED:  # with FIRST
+                u, weight = _weighted_ascent(_load(grad, offs, mask, DTYPE, COMPUTE), theta, zeta, eta)
+                tl.store(param + offs, _to_storage(theta + weight * (scale * u), DTYPE), mask=mask)
+            else:
+                delta = zeta * _load(grad, offs, mask, DTYPE, COMPUTE)
+                if not FIRST:
+                    delta = (_load(param, offs, mask, DTYPE, COMPUTE) - theta) + delta
+                tl.store(param + offs, _to_storage(theta + scale * delta, DTYPE), mask=mask)
         else:
             # A dropped Δ may hold NaN/Inf: write θ's own bits, no arithmetic on them.
             tl.store(param + offs, theta_raw, mask=mask)
@@ -238,27 +275,37 @@ def _apply_chunk(param, grad, backup, start, numel, zeta, scale, moves, MASKED: 
 @triton.jit
 def perturb_apply_kernel(param_ptrs, grad_ptrs, backup_ptrs, numels, prog_tensor, prog_offset, scales, prog_base,
                          inner_lr: tl.float64, FIRST: tl.constexpr, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
-                         CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Pass 3: params ← θ + scale·Δ, or exactly θ where scale is 0 (FIRST: also backups ← θ)."""
+                         CHUNK: tl.constexpr, BLOCK: tl.constexpr, eta: tl.float64 = 0.0,
+                         SURFACE: tl.constexpr = False, WEIGHTED: tl.constexpr = False):
+    """Pass 3: params ← θ + scale·Δ (WEIGHTED: θ + T·(scale·u)), or exactly θ where scale is 0 (FIRST: also
+    backups ← θ). SURFACE: a scale that overflows the compute type (fp32 for fp32/fp16/bf16) counts as 0."""
+    tl.static_assert(FIRST or not WEIGHTED, "the weighted ascent is a first ascent")
     _, t, start, numel = _program(prog_tensor, prog_offset, numels, prog_base, CHUNK)
     zeta = _as(inner_lr, COMPUTE)
+    if WEIGHTED:
+        eta_c = _as(eta, COMPUTE)
+    else:
+        eta_c = None
     param = tl.load(param_ptrs + t)
     grad = tl.load(grad_ptrs + t)
     backup = tl.load(backup_ptrs + t)
     scale_acc = tl.load(scales + t)
     moves = scale_acc != 0
     scale = scale_acc.to(COMPUTE)
+    if SURFACE:  # without the min a finite fp64 scale may round to Inf in fp32 (a tiny ‖u‖, or a zero u)
+        moves = moves & (scale < _INF)
     if start + CHUNK <= numel:
         if _all_aligned(param, grad, backup, param):
             _apply_chunk(_pointer(param, DTYPE, True), _pointer(grad, DTYPE, True), _pointer(backup, DTYPE, True),
-                         start, numel, zeta, scale, moves, False, FIRST, DTYPE, COMPUTE, CHUNK, BLOCK)
+                         start, numel, zeta, eta_c, scale, moves, False, FIRST, WEIGHTED, DTYPE, COMPUTE, CHUNK,
+                         BLOCK)
         else:
             _apply_chunk(_pointer(param, DTYPE, False), _pointer(grad, DTYPE, False),
-                         _pointer(backup, DTYPE, False), start, numel, zeta, scale, moves, False, FIRST, DTYPE,
-                         COMPUTE, CHUNK, BLOCK)
+                         _pointer(backup, DTYPE, False), start, numel, zeta, eta_c, scale, moves, False, FIRST,
+                         WEIGHTED, DTYPE, COMPUTE, CHUNK, BLOCK)
     else:
         _apply_chunk(_pointer(param, DTYPE, False), _pointer(grad, DTYPE, False), _pointer(backup, DTYPE, False),
-                     start, numel, zeta, scale, moves, True, FIRST, DTYPE, COMPUTE, CHUNK, BLOCK)
+                     start, numel, zeta, eta_c, scale, moves, True, FIRST, WEIGHTED, DTYPE, COMPUTE, CHUNK, BLOCK)
 
 
 # -- restore_sgd_ and restore_: one pass each --------------------------------------------------------

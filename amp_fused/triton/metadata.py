@@ -16,7 +16,15 @@ layout, checked once per plan, and the pointer tables of the plan's own lists (p
 not change while the plan lives; the tables of the lists passed anew each step (gradients, momentum
 buffers) are rebuilt only when an address changes, so a step costs one ``data_ptr()`` per tensor. Calls
 without a plan go through :data:`CACHE`, keyed by everything an entry is computed from (the layout by each
-tensor's (dtype, shape, stride), a pointer table by the addresses), so a hit is always correct.
+tensor's (dtype, shape, stride), a pointer table by the addresses), so a hit is always correct; in front of
+it, the cache keeps the layout and each list's table it returned last, which a call whose tensors have the
+same layout and addresses again gets after a comparison (``norm="global"`` passes one list of all its parts'
+tensors, built anew each step).
+
+Per call, where ``amp_fused._C`` is loaded (:func:`native`), one C++ pass per list compares a held table's
+addresses with the tensors' (:func:`same_addresses`; layouts: :func:`same_layout`) and one bumps the written
+lists' autograd version counters (:func:`bump_versions`); without it (or for what the C++ pass leaves to Python:
+tensor subclasses, an active TorchFunctionMode) the same is done in Python, with the same results and errors.
 
 Uploads: every table is built on the host and copied to the device in one copy; where CUDA is, from pinned
 memory with ``non_blocking=True`` (no host sync, capturable in a CUDA graph), and the pinned source is held
@@ -32,6 +40,8 @@ from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
+
+from .. import _compat
 
 # Elements per program. Tests derive their boundary sizes (CHUNK ± 1, several chunks) from it.
 CHUNK = 4096
@@ -176,6 +186,7 @@ class PointerTable(NamedTuple):
     table: torch.Tensor  # int64 data_ptr() of every tensor, on the tensors' device
     upload: Upload
     addresses: list  # what it holds, as Python ints
+    host: torch.Tensor  # and as an int64 CPU tensor (what same_addresses compares in C++)
 
 
 def build_pointer_table(tensors: Sequence[torch.Tensor], device: torch.device, list_name: str,
@@ -186,19 +197,99 @@ def build_pointer_table(tensors: Sequence[torch.Tensor], device: torch.device, l
                              "one launch covers the whole list, so every tensor must be on one device")
     if addresses is None:
         addresses = list(map(torch.Tensor.data_ptr, tensors))
-    upload = Upload(_int64(addresses), device)
-    return PointerTable(upload.device_tensor, upload, addresses)
+    host = _int64(addresses)
+    upload = Upload(host, device)
+    return PointerTable(upload.device_tensor, upload, addresses, host)
+
+
+# -- the per-call passes: in C++ where amp_fused._C is loaded ------------------------------------------------------
+NATIVE_HELPERS = ("same_addresses", "layout_signature", "same_layout", "bump_versions")
+_UNSET = object()
+_native = _UNSET  # what native() found: amp_fused._C, or None
+
+
+def native():
+    """``amp_fused._C`` where it is loaded and has the host helpers (:data:`NATIVE_HELPERS`, in
+    csrc/amp_fused.cpp), else None (an older build without them, or none: then every pass is Python's). Looked up
+    once, on first use, through :mod:`amp_fused._extension` (which loads the extension, building it where needed,
+    as the other backends' availability checks do, and never raises)."""
+    global _native
+    if _native is _UNSET:
+        module = None
+        try:
+            import sys
+
+            from .. import _extension
+
+            _extension.cpu_error  # noqa: B018 - loads amp_fused._C
+            module = sys.modules.get("amp_fused._C")
+        except Exception:  # noqa: BLE001 - no extension: the Python path
+            module = None
+        if module is not None and not all(callable(getattr(module, name, None)) for name in NATIVE_HELPERS):
+            module = None
+        _native = module
+    return _native
+
+
+def same_addresses(tensors: Sequence[torch.Tensor], table: PointerTable) -> bool:
+    """Whether ``tensors`` lie at the addresses ``table`` holds, one ``data_ptr()`` each: one C++ pass
+    (:func:`native`) or, for what it leaves to Python (None), the Python comparison."""
+    helpers = _native if _native is not _UNSET else native()
+    if helpers is not None:
+        same = helpers.same_addresses(tensors, table.host)
+        if same is not None:
+            return same
+    return list(map(torch.Tensor.data_ptr, tensors)) == table.addresses
+
+
+class RecentLayout(NamedTuple):
+    """The layout a :class:`MetadataCache` returned last, with what it compares a call's tensors against."""
+
+    layout: Layout
+    spec: Spec
+    signature: bytes | None  # the C++ pass's form of spec (layout_signature), where it made one
+
+
+def layout_signature(tensors: Sequence[torch.Tensor]) -> bytes | None:
+    """What :func:`same_layout` compares in C++, or None (no extension, or tensors it leaves to Python)."""
+    helpers = _native if _native is not _UNSET else native()
+    return None if helpers is None else helpers.layout_signature(tensors)
+
+
+def same_layout(tensors: Sequence[torch.Tensor], recent: RecentLayout) -> bool:
+    """Whether ``tensors`` have the dtypes, shapes and strides ``recent`` was built for: one C++ pass
+    (:func:`native`) or, for what it leaves to Python, ``spec_of(tensors) == recent.spec``."""
+    helpers = _native if _native is not _UNSET else native()
+    if helpers is not None and recent.signature is not None:
+        same = helpers.same_layout(tensors, recent.signature)
+        if same is not None:
+            return same
+    return spec_of(tensors) == recent.spec
+
+
+def bump_versions(*lists: Sequence[torch.Tensor]) -> None:
+    """``torch.autograd.graph.increment_version`` on each of ``lists`` (inference tensors have no version counter
+    and are left alone): what kernels that write through raw pointers owe autograd. One C++ pass over all lists
+    (:func:`native`); where it leaves them to Python (it then bumped nothing), torch's own call per list."""
+    helpers = _native if _native is not _UNSET else native()
+    if helpers is not None and helpers.bump_versions(*lists):
+        return
+    for tensors in lists:
+        _compat.increment_version(tensors)
 
 
 class MetadataCache:
     """Least-recently-used caches of layouts and pointer tables, with build counters (which the plan-held
-    tables of :class:`Held` count in as well)."""
+    tables of :class:`Held` count in as well); :meth:`layout_of` and :meth:`table_of` (what a call without a plan
+    takes) first compare the tensors with the layout and the list's table they returned last."""
 
     def __init__(self, max_layouts: int = 32, max_pointer_tables: int = 128):
         self.max_layouts = max_layouts
         self.max_pointer_tables = max_pointer_tables
         self._layouts: OrderedDict = OrderedDict()
         self._tables: OrderedDict = OrderedDict()
+        self._recent_layout: RecentLayout | None = None
+        self._recent_tables: dict = {}  # list name -> (device, PointerTable)
         self.layout_builds = 0
         self.pointer_table_builds = 0
 
@@ -229,9 +320,32 @@ class MetadataCache:
         self.pointer_table_builds += built
         return table
 
+    def layout_of(self, tensors: Sequence[torch.Tensor], device: torch.device) -> Layout:
+        """The layout of ``tensors`` on ``device``: the one returned last when their dtypes, shapes and strides
+        are the same again (:func:`same_layout`), else :meth:`layout`'s."""
+        recent = self._recent_layout
+        if recent is not None and recent.layout.device == device and same_layout(tensors, recent):
+            return recent.layout
+        spec = spec_of(tensors)
+        layout = self.layout(spec, device)
+        self._recent_layout = RecentLayout(layout, spec, layout_signature(tensors))
+        return layout
+
+    def table_of(self, tensors: Sequence[torch.Tensor], device: torch.device, list_name: str) -> PointerTable:
+        """The pointer table of ``tensors``: the one returned last for ``list_name`` when they are at its
+        addresses again (:func:`same_addresses`), else :meth:`pointer_table`'s."""
+        recent = self._recent_tables.get(list_name)
+        if recent is not None and recent[0] == device and same_addresses(tensors, recent[1]):
+            return recent[1]
+        table = self.pointer_table(tensors, device, list_name)
+        self._recent_tables[list_name] = (device, table)
+        return table
+
     def clear(self) -> None:
         self._layouts.clear()
         self._tables.clear()
+        self._recent_layout = None
+        self._recent_tables.clear()
 
 
 CACHE = MetadataCache()
@@ -258,8 +372,10 @@ class Held:
     def pointer_table(self, tensors: Sequence[torch.Tensor], device: torch.device, list_name: str) -> PointerTable:
         if list_name == "params" or (list_name == "backups" and tensors is self.backups):
             return self._fixed[list_name]
-        addresses = list(map(torch.Tensor.data_ptr, tensors))
         table = self.tables.get(list_name)
+        if table is not None and same_addresses(tensors, table):
+            return table
+        addresses = list(map(torch.Tensor.data_ptr, tensors))
         if table is None or table.addresses != addresses:
             table = self.tables[list_name] = build_pointer_table(tensors, device, list_name, addresses)
             self.cache.pointer_table_builds += 1

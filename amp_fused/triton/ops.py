@@ -4,7 +4,9 @@ Semantics of the ops: :mod:`amp_fused.backends`. Launches per call, with G dtype
 ``perturb_`` 2G + 1 (sums of squares, scales, apply), ``restore_`` G, ``restore_sgd_`` G.
 
 A list from :func:`hold` (what the optimizer's plan passes) carries its layout and tables, so a call costs one
-``data_ptr()`` per tensor of the lists it did not hold; any other list goes through the metadata cache.
+``data_ptr()`` per tensor of the lists it did not hold, and one version bump per tensor written: one C++ pass per
+call each where ``amp_fused._C`` is loaded (:func:`metadata.same_addresses`, :func:`metadata.bump_versions`), the
+same in Python where not. Any other list goes through the metadata cache.
 """
 from __future__ import annotations
 
@@ -18,9 +20,8 @@ from typing import Sequence
 
 import torch
 
-from .. import _compat
 from . import metadata
-from .metadata import CACHE, CHUNK, SCALE_T_BLOCK, current_stream, spec_of
+from .metadata import CACHE, CHUNK, SCALE_T_BLOCK, current_stream
 
 # Read once, like Triton's own switch: whether CPU tensors may run (under Triton's interpreter).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -122,6 +123,7 @@ def _triton_types(dtype: torch.dtype):
 ACC_DTYPE = torch.float64
 
 
+@functools.lru_cache(maxsize=None)
 def _acc_type():
     import triton.language as tl
 
@@ -141,9 +143,12 @@ def _prepare(**lists: Sequence[torch.Tensor]):
     params = lists["params"]
     device = params[0].device
     held = getattr(params, "held", None)
-    source = CACHE if held is None else held
-    layout = CACHE.layout(spec_of(params), device) if held is None else held.layout
-    tables = [source.pointer_table(tensors, device, name) for name, tensors in lists.items()]
+    if held is None:
+        layout = CACHE.layout_of(params, device)
+        tables = [CACHE.table_of(tensors, device, name) for name, tensors in lists.items()]
+    else:
+        layout = held.layout
+        tables = [held.pointer_table(tensors, device, name) for name, tensors in lists.items()]
     stream = current_stream(device)
     if stream is not None:
         layout.upload.use(stream)
@@ -158,11 +163,19 @@ def _device_guard(device: torch.device):
 
 
 @_host_copies_under_interpreter("params", "backups")
-def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first):
+def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first, surface=False, eta=None):
     if not params:
         return torch.zeros(1)
     device = params[0].device
     k = _kernels_for(device)
+    # The modes (SAM: surface; ASAM: eta) are constexpr flags of the kernels; a default call launches the
+    # kernels with both off (the code they compile to without the modes) and eta unused.
+    surface = bool(surface)
+    weighted = eta is not None
+    if weighted and not first:  # the op layer checks it first (amp_fused.checks); a direct call is refused here
+        from ..checks import ETA_NEEDS_FIRST
+        raise ValueError(ETA_NEEDS_FIRST)
+    eta = float(eta) if weighted else 0.0
     layout, (param_table, grad_table, backup_table) = _prepare(params=params, grads=grads, backups=backups)
     acc = _acc_type()
     partials = torch.empty(layout.num_programs, dtype=ACC_DTYPE, device=device)
@@ -175,22 +188,24 @@ def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first):
                 storage, compute, _ = _triton_types(group.dtype)
                 k.perturb_sumsq_kernel[(group.num_programs,)](
                     *tensor_args, partials, group.prog_base, float(inner_lr), FIRST=bool(first), DTYPE=storage,
-                    COMPUTE=compute, ACC=acc, CHUNK=CHUNK, BLOCK=SUMSQ.block,
+                    COMPUTE=compute, ACC=acc, CHUNK=CHUNK, BLOCK=SUMSQ.block, eta=eta, WEIGHTED=weighted,
                     num_warps=SUMSQ.num_warps)
         k.perturb_scale_kernel[(1,)](
             partials, layout.first_prog, layout.n_chunks, layout.block_chunks, norms, scales, layout.num_tensors,
             float(epsilon), PER_TENSOR=bool(per_tensor), ACC=acc, T_BLOCK=SCALE_T_BLOCK, C_BLOCK=SCALE_C_BLOCK,
-            num_warps=SCALE_NUM_WARPS)
+            SURFACE=surface, num_warps=SCALE_NUM_WARPS)
         for group in layout.groups:
             if group.num_programs:
                 storage, compute, _ = _triton_types(group.dtype)
                 k.perturb_apply_kernel[(group.num_programs,)](
                     *tensor_args, scales, group.prog_base, float(inner_lr), FIRST=bool(first), DTYPE=storage,
-                    COMPUTE=compute, CHUNK=CHUNK, BLOCK=APPLY.block, num_warps=APPLY.num_warps)
+                    COMPUTE=compute, CHUNK=CHUNK, BLOCK=APPLY.block, eta=eta, SURFACE=surface, WEIGHTED=weighted,
+                    num_warps=APPLY.num_warps)
     # The kernels write through raw pointers: tell autograd the tensors changed in place.
-    _compat.increment_version(params)
     if first:
-        _compat.increment_version(backups)
+        metadata.bump_versions(params, backups)
+    else:
+        metadata.bump_versions(params)
     return norms
 
 
@@ -209,7 +224,7 @@ def restore_(params, backups):
                     param_table, backup_table, layout.numels, layout.prog_tensor, layout.prog_offset,
                     group.prog_base, WORD=word, CHUNK=CHUNK, BLOCK=COPY.block,
                     num_warps=COPY.num_warps)
-    _compat.increment_version(params)
+    metadata.bump_versions(params)
 
 
 @_host_copies_under_interpreter("params", "momentum_buffers")
@@ -237,6 +252,7 @@ def restore_sgd_(params, backups, grads, momentum_buffers, lr, momentum, dampeni
                     NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), WEIGHT_DECAY=weight_decay != 0,
                     DTYPE=storage, COMPUTE=compute, CHUNK=CHUNK, BLOCK=SGD.block,
                     num_warps=SGD.num_warps)
-    _compat.increment_version(params)
     if uses_buffers:
-        _compat.increment_version(momentum_buffers)
+        metadata.bump_versions(params, momentum_buffers)
+    else:
+        metadata.bump_versions(params)

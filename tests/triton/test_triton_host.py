@@ -114,7 +114,7 @@ def test_the_plans_gradient_check_keeps_the_contract_errors():
 def test_the_plans_gradient_check_takes_what_the_contract_check_takes():
     params, opt = _optimizer("triton")
     _closure(params)()
-    part = plans.current(opt._amp, opt.param_groups, lambda p: p.grad is not None).parts[0]
+    part = opt._plan(lambda p: p.grad is not None).parts[0]
     grads = plans.gradients(part)
     assert all(g is p.grad for g, p in zip(grads, params))  # the fast path: the gradients as they are
     params[2].grad = None
@@ -222,3 +222,277 @@ def test_a_list_mixing_aligned_and_unaligned_views_gives_the_aligned_lists_resul
         triton_backend.restore_(p, b)
     for got, want in zip(mixed, aligned):
         assert_lists_bitwise_equal(got, want)
+
+
+# -- 5. the per-call passes: C++ (amp_fused._C) and the Python fallback alike -------------------------------------
+@pytest.fixture(params=["native", "python"])
+def host_path(request, monkeypatch):
+    """Runs a test once with the C++ passes of amp_fused._C (where it is loaded) and once with the pure-Python path
+    the backend takes without the extension."""
+    if request.param == "native":
+        module = metadata.native()
+        if module is None:
+            pytest.skip(f"amp_fused._C is not loaded or lacks the host helpers {metadata.NATIVE_HELPERS}")
+        monkeypatch.setattr(metadata, "_native", module)
+    else:
+        monkeypatch.setattr(metadata, "_native", None)
+    return request.param
+
+
+class _Traced(torch.Tensor):
+    """A tensor subclass with its own __torch_function__: Tensor.data_ptr() goes through it."""
+
+    calls = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.calls += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def _table(tensors):
+    return metadata.build_pointer_table(tensors, torch.device("cpu"), "grads")
+
+
+def test_same_addresses_answers_alike_on_both_paths(host_path):
+    tensors = [torch.randn(5), torch.randn(3, 4), torch.randn(())]
+    table = _table(tensors)
+    assert metadata.same_addresses(tensors, table) is True
+    assert metadata.same_addresses(tuple(tensors), table) is True
+    assert metadata.same_addresses(triton_backend.hold(tensors, clone(tensors)), table) is True  # a HeldTensors
+    assert metadata.same_addresses([tensors[0], torch.randn(3, 4), tensors[2]], table) is False
+    assert metadata.same_addresses(tensors[:2], table) is False
+    assert metadata.same_addresses(tensors + [torch.randn(1)], table) is False
+    assert metadata.same_addresses([], _table([])) is True
+    assert metadata.same_addresses(tensors, _table([])) is False
+    assert metadata.same_addresses([tensors[0][1:], tensors[1], tensors[2]], table) is False  # a view inside
+    # Parameters are plain tensors to the C++ pass; subclasses and an iterable that is no list or tuple are the
+    # Python path's (which goes through __torch_function__)
+    params = [torch.nn.Parameter(t) for t in tensors]
+    assert metadata.same_addresses(params, table) is True
+    _Traced.calls = 0
+    traced = [t.as_subclass(_Traced) for t in tensors]
+    assert metadata.same_addresses(traced, table) is True
+    assert _Traced.calls >= len(tensors)
+    assert metadata.same_addresses(iter(tensors), table) is True
+
+
+def test_same_addresses_in_cpp_leaves_to_python_what_python_must_answer():
+    module = metadata.native()
+    if module is None:
+        pytest.skip("amp_fused._C is not loaded or lacks the host helpers")
+    tensors = [torch.randn(5), torch.randn(7)]
+    table = _table(tensors)
+    assert module.same_addresses(tensors, table.host) is True
+    assert module.same_addresses(tensors[::-1], table.host) is False
+    assert module.same_addresses([tensors[0]], table.host) is False
+    assert module.same_addresses([tensors[0], tensors[1].as_subclass(_Traced)], table.host) is None
+    assert module.same_addresses(iter(tensors), table.host) is None
+    assert module.same_addresses([tensors[0], 3], table.host) is None
+    sparse = torch.sparse_coo_tensor(torch.tensor([[0]]), torch.tensor([1.0]), (7,))
+    assert module.same_addresses([tensors[0], sparse], table.host) is None  # data_ptr() raises: Python raises it
+    with pytest.raises(RuntimeError, match="doesn't have storage"):
+        metadata.same_addresses([tensors[0], sparse], table)
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        assert module.same_addresses(tensors, table.host) is None
+    with pytest.raises(RuntimeError, match="int64 CPU tensor"):
+        module.same_addresses(tensors, table.host.int())
+
+
+def test_bump_versions_bumps_alike_on_both_paths(host_path):
+    a, b = [torch.randn(3), torch.randn(2, 2)], (torch.randn(4),)
+    params = [torch.nn.Parameter(torch.randn(3))]
+    traced = [torch.randn(2).as_subclass(_Traced)]
+    with torch.inference_mode():
+        inference = [torch.randn(3)]
+    everything = a + list(b) + params + traced + inference
+    before = [t._version for t in everything[:-1]]
+    metadata.bump_versions(a, b, params, traced, inference)  # inference tensors: no counter, no error
+    metadata.bump_versions(a)
+    metadata.bump_versions()
+    assert [t._version for t in everything[:-1]] == [v + 1 + (i < len(a)) for i, v in enumerate(before)]
+
+
+def test_bump_versions_of_a_list_with_a_non_tensor_raises_torchs_error_on_both_paths(host_path):
+    a = [torch.randn(3)]
+    b = [torch.randn(3), None]
+    before = b[0]._version, a[0]._version
+    with pytest.raises(RuntimeError, match="increment_version expects each element of the iterable to be a tensor"):
+        metadata.bump_versions(a, b)
+    # as torch's own call per list does: the lists before, and the tensors before the bad one, were bumped
+    assert (b[0]._version, a[0]._version) == (before[0] + 1, before[1] + 1)
+
+
+def _versions(*lists):
+    return [[t._version for t in tensors] for tensors in lists]
+
+
+def test_the_ops_bump_each_written_tensor_once_and_agree_bitwise_on_both_paths(fresh_cache, host_path):
+    sizes = [(CHUNK + 5,), (7,), (3, 5)]
+    results = {}
+    for path in ("this", "python"):
+        if path == "python":
+            metadata._native = None  # the fixture's monkeypatch puts it back
+        params, grads, backups = make_lists(sizes, seed=3)
+        buffers = [torch.randn_like(p) for p in params]
+        held = triton_backend.hold(params, backups)
+        steps = []
+        for first in (True, False):
+            before = _versions(params, backups, grads)
+            triton_backend.perturb_(held, grads, backups, 0.5, 1.0, True, first)
+            steps.append([[a - b for a, b in zip(x, y)] for x, y in zip(_versions(params, backups, grads), before)])
+        before = _versions(params, backups, grads, buffers)
+        triton_backend.restore_sgd_(held, backups, grads, buffers, 0.1, 0.9, 0.0, 0.0, False, False, True)
+        triton_backend.restore_sgd_(held, backups, grads, [], 0.1, 0.0, 0.0, 0.0, False, False, False)
+        steps.append([[a - b for a, b in zip(x, y)] for x, y in zip(_versions(params, backups, grads, buffers), before)])
+        triton_backend.perturb_(held, [g * 2 for g in grads], backups, 0.5, 1.0, True, True)  # new gradients
+        before = _versions(params, backups)
+        triton_backend.restore_(held, backups)
+        steps.append([[a - b for a, b in zip(x, y)] for x, y in zip(_versions(params, backups), before)])
+        results[path] = steps, clone(params), clone(buffers)
+    n = len(sizes)
+    assert results["this"][0] == [
+        [[1] * n, [1] * n, [0] * n],  # perturb_(first): params and backups
+        [[1] * n, [0] * n, [0] * n],  # perturb_: params
+        [[2] * n, [0] * n, [0] * n, [1] * n],  # restore_sgd_ twice: params; with momentum, the buffers
+        [[1] * n, [0] * n],  # restore_: params
+    ]
+    assert results["this"][0] == results["python"][0]
+    assert_lists_bitwise_equal(results["this"][1], results["python"][1])
+    assert_lists_bitwise_equal(results["this"][2], results["python"][2])
+
+
+def test_a_tensor_saved_for_backward_and_overwritten_fails_backward_on_both_paths(host_path):
+    w = torch.randn(4, requires_grad=True)
+    x = torch.randn(4)
+    y = (w * x).sum()  # autograd saved x for w's gradient
+    with torch.no_grad():
+        held = triton_backend.hold([x], [torch.empty(4)])
+        triton_backend.perturb_(held, [torch.randn(4)], held.held.backups, 0.1, 1.0, True, True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_held_tables_follow_new_addresses_on_both_paths(fresh_cache, host_path):
+    """A gradient list at new addresses rebuilds its table, the same addresses do not, and the kernels read the
+    new tensors, with the C++ comparison as with Python's."""
+    sizes = [(CHUNK + 5,), (7,)]
+    params, grads, backups = make_lists(sizes, seed=4)
+    reference_params, reference_backups = clone(params), clone(backups)
+    held = triton_backend.hold(params, backups)
+    for step, new in enumerate([False, True, False, True]):
+        if new:
+            grads = [grads[0], torch.randn(7) * (step + 1)]
+        builds = fresh_cache.pointer_table_builds
+        norms = triton_backend.perturb_(held, grads, backups, 0.5, 1.0, True, step == 0)
+        expected = foreach.perturb_(reference_params, grads, reference_backups, 0.5, 1.0, True, step == 0)
+        torch.testing.assert_close(norms, expected, rtol=2e-5, atol=1e-6)
+        assert_lists_close(list(held), reference_params, **BACKEND_TOL[torch.float32])
+        assert fresh_cache.pointer_table_builds == builds + (new or step == 0)
+
+
+def test_without_the_host_helpers_the_backend_takes_the_python_path(monkeypatch):
+    """An amp_fused._C without the host helpers (an older build) is not used for them."""
+    import sys
+    import types
+
+    from amp_fused import _extension
+
+    _extension.cpu_error  # noqa: B018 - the real extension is looked at (and loaded) before it is hidden
+    monkeypatch.setattr(metadata, "_native", metadata._UNSET)
+    monkeypatch.setitem(sys.modules, "amp_fused._C", types.ModuleType("amp_fused._C"))
+    assert metadata.native() is None
+    params, grads, backups = make_lists([(5,)])
+    before = params[0]._version
+    triton_backend.perturb_(triton_backend.hold(params, backups), grads, backups, 0.5, 1.0, True, True)
+    assert params[0]._version == before + 1
+
+
+def _recent(tensors):
+    return metadata.RecentLayout(None, metadata.spec_of(tensors), metadata.layout_signature(tensors))
+
+
+def test_same_layout_answers_alike_on_both_paths(host_path):
+    tensors = [torch.randn(5), torch.randn(3, 4), torch.randn(()), torch.randn(2, 3).t(), torch.empty(0, 2)]
+    recent = _recent(tensors)
+    assert (recent.signature is not None) == (host_path == "native")
+    assert metadata.same_layout(tensors, recent) is True
+    assert metadata.same_layout([t.clone() if t.is_contiguous() else t for t in tensors], recent) is True
+    assert metadata.same_layout(tuple(tensors), recent) is True
+    changed = [
+        [torch.randn(5).double()] + tensors[1:],  # a dtype
+        [torch.randn(6)] + tensors[1:],  # a size
+        [torch.randn(5, 1)] + tensors[1:],  # a dim
+        tensors[:3] + [torch.randn(2, 3).t().contiguous()] + tensors[4:],  # a stride
+        tensors[:2] + [torch.randn(1)] + tensors[3:],  # a 0-d tensor for a 1-d one
+        tensors[:-1],  # fewer
+        tensors + [torch.randn(1)],  # more
+        [],
+    ]
+    for other in changed:
+        assert metadata.same_layout(other, recent) is False
+    traced = [t.as_subclass(_Traced) for t in tensors]
+    assert metadata.same_layout(traced, recent) is True  # the Python path's answer
+    assert metadata.same_layout([], _recent([])) is True
+
+
+def test_same_layout_in_cpp_leaves_to_python_what_python_must_answer():
+    module = metadata.native()
+    if module is None:
+        pytest.skip("amp_fused._C is not loaded or lacks the host helpers")
+    tensors = [torch.randn(5), torch.randn(3, 4)]
+    signature = module.layout_signature(tensors)
+    assert isinstance(signature, bytes) and module.same_layout(tensors, signature) is True
+    assert module.same_layout(tensors[::-1], signature) is False
+    assert module.same_layout(tensors, signature[:-8]) is False  # a cut signature never matches
+    assert module.same_layout(tensors, signature + signature[-8:]) is False
+    for other in ([tensors[0], tensors[1].as_subclass(_Traced)], iter(tensors), [tensors[0], 3]):
+        assert module.layout_signature(other) is None
+        assert module.same_layout(other, signature) is None
+    with pytest.raises(RuntimeError, match="bytes"):
+        module.same_layout(tensors, "not bytes")
+
+
+@pytest.mark.parametrize("norm", ["per_tensor", "global"])
+def test_later_steps_build_no_layout_on_both_paths(fresh_cache, host_path, norm):
+    """A plan's lists hold their layout; norm="global" passes one list of all parts' tensors, built anew each step,
+    which the cache answers with the layout it returned last."""
+    params, opt = _optimizer("triton", norm=norm)
+    reference, reference_opt = _optimizer("foreach", norm=norm)
+    opt.step(_closure(params))
+    reference_opt.step(_closure(reference))
+    builds = fresh_cache.layout_builds
+    assert builds == (1 if norm == "per_tensor" else 2)
+    for step in range(2):
+        opt.step(_closure(params, step + 2))
+        reference_opt.step(_closure(reference, step + 2))
+    assert fresh_cache.layout_builds == builds
+    assert_lists_close(params, reference, **BACKEND_TOL[torch.float32])
+
+
+def test_calls_without_a_plan_reuse_the_last_layout_and_tables_on_both_paths(fresh_cache, host_path):
+    sizes = [(CHUNK + 5,), (7,), (3, 5)]
+    params, grads, backups = make_lists(sizes, seed=5)
+    reference_params, reference_backups = clone(params), clone(backups)
+    for step in range(3):
+        # a new list of the same tensors each call, as a norm="global" step passes
+        triton_backend.perturb_(list(params), list(grads), list(backups), 0.5, 1.0, False, step == 0)
+        foreach.perturb_(reference_params, grads, reference_backups, 0.5, 1.0, False, step == 0)
+        assert (fresh_cache.layout_builds, fresh_cache.pointer_table_builds) == (1, 3)
+    assert_lists_close(params, reference_params, **BACKEND_TOL[torch.float32])
+    grads[2] = torch.randn(3, 5)  # new addresses: that table only
+    triton_backend.perturb_(params, grads, backups, 0.5, 1.0, False, False)
+    assert (fresh_cache.layout_builds, fresh_cache.pointer_table_builds) == (1, 4)
+    # another layout, then the first again: the keyed cache still holds it
+    other = make_lists([(9,)], seed=6)
+    triton_backend.perturb_(*other, 0.5, 1.0, False, True)
+    triton_backend.perturb_(params, grads, backups, 0.5, 1.0, False, False)
+    assert fresh_cache.layout_builds == 2
+    fresh_cache.clear()
+    triton_backend.perturb_(params, grads, backups, 0.5, 1.0, False, False)
+    assert fresh_cache.layout_builds == 3
