@@ -57,14 +57,18 @@ class AMP(torch.optim.Optimizer):
     def __init__(self, params, lr, epsilon, inner_lr=1.0, inner_iter=1, base_optimizer=torch.optim.SGD, *,
                  norm="per_tensor", backend="auto", perturb_every=1, between="erm", model=None, bn_stats="all",
                  sync_ascent=True, **base_kwargs):
-        epsilon, inner_lr = options.hyper("epsilon", epsilon), options.hyper("inner_lr", inner_lr)
-        settings = options.settings(inner_iter, norm, perturb_every, between)
+        ascent = self._check_group(dict(epsilon=epsilon, inner_lr=inner_lr), "")
+        self._setup(params, ascent, base_optimizer, dict(lr=lr, **base_kwargs),
+                    options.settings(inner_iter, norm, perturb_every, between), backend, model, bn_stats, sync_ascent)
+
+    def _setup(self, params, ascent, base_optimizer, base_kwargs, settings, backend, model, bn_stats, sync_ascent):
+        """The remaining checks, the state, the param groups and the base optimizer (AMP and SAM share this)."""
         options.model_options(model, bn_stats, sync_ascent)
         options.backend(backend)
         options.base_optimizer(base_optimizer)
         self._amp = AmpState(**settings, backend=backend, model=model, bn_stats=bn_stats, sync_ascent=sync_ascent)
-        super().__init__(params, dict(lr=lr, epsilon=epsilon, inner_lr=inner_lr, **base_kwargs))
-        self.base_optimizer = base_optimizer(self.param_groups, lr=lr, **base_kwargs)
+        torch.optim.Optimizer.__init__(self, params, dict(ascent, **base_kwargs))
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self._share_with_base()
 
     def _share_with_base(self):
@@ -79,13 +83,32 @@ class AMP(torch.optim.Optimizer):
             self.state.update(base.state)
             base.state = self.state
 
+    # -- what a param group sets for the ascent (SAM overrides these four) ------------------------------------
+    _GROUP_KEYS = ("epsilon", "inner_lr")  # this optimizer's own keys of a param group, defaulted from defaults
+
+    @staticmethod
+    def _check_group(group: dict, where: str = " in a param group") -> dict:
+        """The group's ascent settings present, checked (where they enter, and on every plan: a scheduler may set
+        them); returns them as stored (floats)."""
+        return {key: options.hyper(key, group[key], where) for key in ("epsilon", "inner_lr") if key in group}
+
+    @staticmethod
+    def _ascent_args(group: dict) -> tuple:
+        """(ε, ζ, surface, eta) of perturb_ for this group's ascent: the ε-ball, ascent step ζ."""
+        return group["epsilon"], group["inner_lr"], False, None
+
+    @staticmethod
+    def _reuse_args(group: dict) -> tuple:
+        """(ε, ζ, surface, eta) of perturb_ that puts a stored Δ back (its step is Δ itself: ζ = 1)."""
+        return group["epsilon"], 1.0, False, None
+
     def add_param_group(self, param_group):
-        options.group(param_group)
+        options.group(param_group, self._check_group)
         base = getattr(self, "base_optimizer", None)
         if base is None:  # called by torch.optim.Optimizer.__init__
             return super().add_param_group(param_group)
         self._amp.refuse_while_perturbed("add_param_group()")
-        for key in ("epsilon", "inner_lr"):
+        for key in self._GROUP_KEYS:
             param_group.setdefault(key, self.defaults[key])
         base.add_param_group(param_group)
         self._amp.forget_plan()
@@ -115,7 +138,7 @@ class AMP(torch.optim.Optimizer):
         try:
             self.zero_grad()
             if kind == "reuse":
-                self._ascend(plans.current(self._amp, self.param_groups, lambda p: p in s.reuse_delta), first=True, reuse=True)  # θ + Δ_last
+                self._ascend(self._plan(lambda p: p in s.reuse_delta), first=True, reuse=True)  # θ + Δ_last
                 result = training.detached(training.forward_backward(closure, s, perturbed=True, ascent=False))
                 self._second_step(scaler)
             else:
@@ -160,7 +183,7 @@ class AMP(torch.optim.Optimizer):
 
     def _first_step(self, scaler):
         first = not self._amp.perturbed
-        plan = plans.current(self._amp, self.param_groups, lambda p: p.grad is not None) if first else self._amp.active
+        plan = self._plan(lambda p: p.grad is not None) if first else self._amp.active
         self._ascend(plan, first=first, inv_scale=training.inverse_scale(scaler))
 
     @training.eager_under_compile
@@ -243,22 +266,29 @@ class AMP(torch.optim.Optimizer):
         return None if norms is None else torch.logical_not(torch.isfinite(norms).all())
 
     # -- plumbing --------------------------------------------------------------------------------------
+    def _plan(self, selected):
+        """The plan for the tensors ``selected(p)`` of every group (see :func:`amp_fused.plan.current`)."""
+        return plans.current(self._amp, self.param_groups, selected, self._check_group, self._ascent_args,
+                             self._GROUP_KEYS)
+
     def _ascend(self, plan, first, inv_scale=1.0, reuse=False):
         """One ascent over ``plan``: with the current gradients (times ``inv_scale``, for GradScaler), or
         (``reuse``) with the stored Δ as the step. Every argument is gathered (and checked) before any write;
         a first ascent that fails part-way puts back what it perturbed."""
         s = self._amp
         if reuse:
-            calls = plans.perturb_calls(plan, s.norm, lambda part: (
-                [plans.like(s.reuse_delta[p], v) for p, v in zip(part.params, part.views)], 1.0))
+            calls = plans.perturb_calls(plan, s.norm, lambda part: [
+                plans.like(s.reuse_delta[p], v) for p, v in zip(part.params, part.views)], self._reuse_args)
         else:
-            calls = plans.perturb_calls(plan, s.norm, lambda part: (
-                plans.gradients(part), part.group["inner_lr"] * inv_scale))
+            def ascent_args(group):
+                epsilon, inner_lr, surface, eta = self._ascent_args(group)
+                return epsilon, inner_lr * inv_scale, surface, eta
+            calls = plans.perturb_calls(plan, s.norm, plans.gradients, ascent_args)
         results, done = [], []
         try:
-            for parts, views, steps, backups, epsilon, inner_lr, per_tensor in calls:
+            for parts, views, steps, backups, (epsilon, inner_lr, surface, eta), per_tensor in calls:
                 results.append(functional.perturb_(views, steps, backups, epsilon, inner_lr, per_tensor, first,
-                                                   backend=parts[0].backend, validate=False))
+                                                   surface, eta, backend=parts[0].backend, validate=False))
                 done += parts
         except BaseException:
             if first:
@@ -293,8 +323,8 @@ class AMP(torch.optim.Optimizer):
         self.base_optimizer.load_state_dict(state_dict)
         self._share_with_base()
         for group in self.param_groups:  # a plain base-optimizer state dict lacks our keys
-            group.setdefault("epsilon", self.defaults["epsilon"])
-            group.setdefault("inner_lr", self.defaults["inner_lr"])
+            for key in self._GROUP_KEYS:
+                group.setdefault(key, self.defaults[key])
         self._amp.load_dict(amp_state, [p for group in self.param_groups for p in group["params"]])
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)

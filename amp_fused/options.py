@@ -29,6 +29,12 @@ def hyper(name: str, value, where: str = "") -> float:
     return float(value)
 
 
+def flag(name: str, value, where: str = "") -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False{where}, got {value!r}")
+    return value
+
+
 def count(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -72,8 +78,7 @@ def base_optimizer(cls) -> None:
 
 def model_options(model, bn_stats, sync_ascent) -> None:
     choice("bn_stats", bn_stats, BN_STATS)
-    if not isinstance(sync_ascent, bool):
-        raise ValueError(f"sync_ascent must be True or False, got {sync_ascent!r}")
+    flag("sync_ascent", sync_ascent)
     if (bn_stats != "all" or not sync_ascent) and not isinstance(model, torch.nn.Module):
         raise ValueError("bn_stats='unperturbed' and sync_ascent=False need the model: pass model=<nn.Module>, "
                          f"got model={model!r}")
@@ -82,12 +87,10 @@ def model_options(model, bn_stats, sync_ascent) -> None:
                          f"{type(model).__name__}")
 
 
-def group(param_group: dict, where: str = " in a param group") -> None:
-    """A param group's AMP hyperparameters (in place: stored as floats) and its parameters (no duplicates:
-    a tensor listed twice would be perturbed twice and restored once)."""
-    for key in ("epsilon", "inner_lr"):
-        if key in param_group:
-            param_group[key] = hyper(key, param_group[key], where)
+def group(param_group: dict, check_settings, where: str = " in a param group") -> None:
+    """A param group's ascent settings (``check_settings(group, where)`` returns them checked; stored in place)
+    and its parameters (no duplicates: a tensor listed twice would be perturbed twice and restored once)."""
+    param_group.update(check_settings(param_group, where))
     params = param_group["params"]
     if isinstance(params, torch.Tensor):
         param_group["params"] = [params]

@@ -108,18 +108,19 @@ def hold(part: Part) -> None:
         part.views = backend_hold(views, part.backups)
 
 
-def current(state, groups, selected) -> Plan:
+def current(state, groups, selected, check_group, ascent_args, group_keys) -> Plan:
     """The plan for the tensors of ``groups`` a step perturbs (``selected(p)``), from ``state`` (the optimizer's
-    AmpState, which caches it): rebuilt only when they change. Checks each group's epsilon and inner_lr."""
+    AmpState, which caches it): rebuilt only when they change. Checks each group's ascent settings
+    (``check_group``); for ``norm="global"``, that every group projects the same ball (``ascent_args(group)``
+    alike, ``group_keys`` naming them)."""
     selection = []
     for group in groups:
-        for key in ("epsilon", "inner_lr"):
-            options.hyper(key, group[key], " in a param group")
+        check_group(group)
         selection.append([p for p in group["params"] if selected(p)])
     if state.plan is None or state.plan.key != key_of(selection):
         state.plan = build(groups, selection, state.backend, state.backups)
     if state.norm == "global":
-        check_one_ball(state.plan)
+        check_one_ball(state.plan, ascent_args, group_keys)
     return state.plan
 
 
@@ -159,28 +160,28 @@ def gradients(part: Part) -> list:
     return grads
 
 
-def check_one_ball(plan: Plan) -> None:
-    """``norm="global"`` projects one Δ: every part must share epsilon and inner_lr and sit on one device."""
-    settings = {(part.group["epsilon"], part.group["inner_lr"]) for part in plan.parts}
+def check_one_ball(plan: Plan, ascent_args, group_keys) -> None:
+    """``norm="global"`` projects one Δ: every part must project the same ball (the same ``ascent_args`` of its
+    group: the settings ``group_keys`` name) and sit on one device."""
+    settings = {ascent_args(part.group) for part in plan.parts}
     devices = {part.params[0].device for part in plan.parts}
     if len(settings) > 1:
-        raise ValueError("norm='global' projects one Δ over all parameters, so every param group must use "
-                         f"the same epsilon and inner_lr; got (epsilon, inner_lr) = {sorted(settings)}")
+        words = " and ".join([", ".join(group_keys[:-1]), group_keys[-1]] if len(group_keys) > 1 else group_keys)
+        values = sorted({tuple(part.group[k] for k in group_keys) for part in plan.parts}, key=repr)
+        raise ValueError(f"norm='global' projects one Δ over all parameters, so every param group must use "
+                         f"the same {words}; got ({', '.join(group_keys)}) = {values}")
     if len(devices) > 1:
         raise ValueError(f"norm='global' needs all parameters on one device, got {sorted(map(str, devices))}")
 
 
-def perturb_calls(plan: Plan, norm: str, steps_of) -> list:
+def perturb_calls(plan: Plan, norm: str, steps_of, ascent_args) -> list:
     """The perturb_ calls of one ascent over ``plan``: one per part, or (``norm="global"``) one over all.
-    ``steps_of(part)`` gives the part's ascent steps and their coefficient (gradients and ζ, or a stored Δ
-    and 1). Each call: (parts, params, steps, backups, epsilon, inner_lr, per_tensor)."""
-    calls = []
-    for part in plan.parts:
-        steps, inner_lr = steps_of(part)
-        calls.append(([part], part.views, steps, part.backups, part.group["epsilon"], inner_lr, True))
+    ``steps_of(part)`` gives the part's ascent steps (gradients, or a stored Δ), ``ascent_args(group)`` its
+    (ε, ζ, surface, eta). Each call: (parts, params, steps, backups, (ε, ζ, surface, eta), per_tensor)."""
+    calls = [([part], part.views, steps_of(part), part.backups, ascent_args(part.group), True) for part in plan.parts]
     if norm == "global" and calls:
         parts, params, steps, backups = ([x for call in calls for x in call[k]] for k in range(4))
-        calls = [(parts, params, steps, backups, calls[0][4], calls[0][5], False)]
+        calls = [(parts, params, steps, backups, calls[0][4], False)]
     return calls
 
 

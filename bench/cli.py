@@ -1,4 +1,4 @@
-"""The ``python -m bench`` command line: machine, optimizer_step, train_step and host sections; table, JSON, PNG."""
+"""The ``python -m bench`` command line: machine, optimizer_step, train_step, sam_step, host and quality sections; table, JSON, PNG."""
 from __future__ import annotations
 
 import argparse
@@ -13,11 +13,11 @@ import torch
 
 from amp_fused import backends
 
-from . import host, optimizer_step, report, train_step
+from . import host, optimizer_step, report, sam_step, train_step
 from .machine import machine_info
 
-SECTIONS = ("optimizer_step", "train_step", "host", "quality")
-DEFAULT_SECTIONS = ("optimizer_step", "train_step")  # host, quality: on request (--sections host,quality)
+SECTIONS = ("optimizer_step", "train_step", "sam_step", "host", "quality")
+DEFAULT_SECTIONS = ("optimizer_step", "train_step")  # sam_step, host, quality: on request (--sections ...)
 DEVICES = ("cpu", "cuda")
 # (rounds, optimizer_step min_run_time, train_step min_run_time): full run, then --quick
 FULL_TIMING = (5, 0.5, 1.5)
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sections", metavar="A,B",
                         help=f"sections to run, of {','.join(SECTIONS)} (default: {','.join(DEFAULT_SECTIONS)})")
     parser.add_argument("--sets", metavar="A,B,...",
-                        help=f"optimizer_step parameter sets (default: {','.join(optimizer_step.PARAM_SETS)})")
+                        help=f"optimizer_step and sam_step parameter sets (default: {','.join(optimizer_step.PARAM_SETS)})")
     parser.add_argument("--host-sets", metavar="A,B,...",
                         help=f"host parameter sets (default: {','.join(host.HOST_SETS)}; quick "
                              f"{','.join(host.QUICK_HOST_SETS)})")
@@ -198,6 +198,12 @@ def main(argv=None) -> int:
         train_rows = result["train_step"] = train_step.to_json(rows)
         result["train_step_fastest_backend"] = fastest
         print(report.train_step_text(train_rows, why) + "\n", flush=True)
+
+    if "sam_step" in config.sections:
+        rows = sam_step.measure(config.sets, config.backends, config.device, config.rounds,
+                                config.optimizer_min_run_time, progress)
+        result["sam_step"] = sam_step.to_json(rows)
+        print(sam_step.sam_step_text(result["sam_step"]) + "\n", flush=True)
 
     if "host" in config.sections:
         rows = host.measure(config.host_sets, config.host_backends, config.device, config.rounds,

@@ -233,3 +233,42 @@ def test_host_section_times_every_backend_and_triton_up_to_its_launches(tmp_path
     assert "host: host time per op call" in stdout and "target us" in stdout
     if "triton" in names:
         assert "triton (no launch)" in stdout
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_sam_step_loop_baseline_is_the_same_sam(adaptive):
+    """The per-parameter loop the sam_step section times against computes what amp_fused.SAM computes."""
+    from bench import sam_step
+
+    shapes = [torch.Size([7, 3]), torch.Size([11]), torch.Size([2, 3, 4])]
+    grads = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    loop, fused = (sam_step.SAMStep(kind, shapes, grads, adaptive, "cpu") for kind in (sam_step.LOOP, "foreach"))
+    params = [list(step.optimizer.params if kind == sam_step.LOOP else step.optimizer.param_groups[0]["params"])
+              for kind, step in ((sam_step.LOOP, loop), ("foreach", fused))]
+    start = [p.clone() for p in params[0]]
+    loop.optimizer.first_step()
+    fused.optimizer.first_step()
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b)
+    assert max((a - s).abs().max().item() for a, s in zip(params[0], start)) > 1e-3
+    loop.optimizer.second_step()
+    fused.optimizer.second_step()
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b)
+
+
+def test_sam_step_section_rows(tmp_path):
+    stdout = run_main(["--sections", "sam_step", "--sets", "many_small", "--backends", "foreach", "--rounds", "1",
+                       "--min-run-time", "0.01", "--json", str(tmp_path / "s.json")])
+    rows = json.loads((tmp_path / "s.json").read_text())["sam_step"]
+    assert [(r["mode"], r["kind"]) for r in rows] == [("sam", "loop"), ("sam", "foreach"), ("asam", "loop"),
+                                                      ("asam", "foreach")]
+    for r in rows:
+        assert r["tensors"] == 300 and r["ms"] > 0 and r["ops_per_step"] > 0
+        if r["kind"] == "loop":
+            assert r["speedup_vs_loop"] == 1.0 and r["ops_per_step"] > 4 * 300  # per-parameter ops
+            assert r["syncs_per_step"] == 0
+        else:
+            assert r["ops_per_step"] < 100  # multi-tensor ops: independent of the 300 tensors
+            assert r["syncs_per_step"] == 1  # foreach on CPU tensors reads "all kept?" on the host, where it is free
+    assert "sam_step: optimizer-side SAM/ASAM step" in stdout

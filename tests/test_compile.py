@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from amp_fused import AMP, _extension, available_backends, functional
+from amp_fused import AMP, SAM, _extension, available_backends, functional
 
 pytestmark = pytest.mark.slow  # inductor compiles C++
 
@@ -130,6 +130,60 @@ def test_compiled_model_trains_under_amp_like_the_eager_model(backend, norm):
             torch.testing.assert_close(moved.norm(), torch.tensor(EPSILON), rtol=1e-4, atol=0)
         else:
             assert (moved <= EPSILON * (1 + 1e-4)).all() and moved.max() > EPSILON * (1 - 1e-4)
+
+
+@needs_cpu_ops
+def test_sam_modes_of_perturb_trace_into_a_graph_and_match_eager():
+    """The surface mode and ASAM's element weights through the op's fake implementation: one graph, and the
+    compiled call is the eager kernel's result bit for bit."""
+    theta, (grads, _) = op_inputs()
+
+    def asam_ascent(params, grads, backups):
+        return functional.perturb_(params, grads, backups, EPSILON, 1.0, False, True, True, 0.01, backend="cpu")
+
+    eager_params, eager_backups = [t.clone() for t in theta], [torch.empty_like(t) for t in theta]
+    eager_norms = asam_ascent(eager_params, grads, eager_backups)
+    counter = CompileCounterWithBackend("inductor")
+    params, backups = [t.clone() for t in theta], [torch.empty_like(t) for t in theta]
+    norms = torch.compile(asam_ascent, backend=counter, fullgraph=True)(params, grads, backups)
+    assert counter.frame_count == 1
+    assert torch.equal(norms, eager_norms)
+    for p, e in zip(params, eager_params):
+        assert torch.equal(p, e)
+    assert max((p - t).abs().max().item() for p, t in zip(params, theta)) > 1e-3
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_compiled_model_trains_under_asam_like_the_eager_model(backend):
+    def run(model):
+        x, y = data()
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=EPSILON, adaptive=True, eta=0.01, lr=LR,
+                  momentum=MOMENTUM, backend=backend)
+        seen = []
+
+        def closure():
+            seen.append(snapshot(model))
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        return seen, torch.stack([opt.step(closure) for _ in range(3)]), snapshot(model)
+
+    eager_seen, eager_losses, eager_final = run(mlp())
+    counter = CompileCounterWithBackend("inductor")
+    compiled_seen, compiled_losses, compiled_final = run(torch.compile(mlp(), backend=counter))
+    assert counter.frame_count == 1
+    assert len(compiled_seen) == 2 * 3  # per step: θ, then θ + e
+    for compiled_params, eager_params in zip(compiled_seen, eager_seen):
+        for c, e in zip(compiled_params, eager_params):
+            torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-5, atol=1e-6)
+    for c, e in zip(compiled_final, eager_final):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+    # the compiled forward ran at θ + e, e on the ρ-sphere in the coordinates θ/(|θ| + η)
+    theta, perturbed = compiled_seen[0], compiled_seen[1]
+    scaled = torch.cat([((p - t) / (t.abs() + 0.01)).flatten() for p, t in zip(perturbed, theta)])
+    torch.testing.assert_close(scaled.norm(), torch.tensor(EPSILON), rtol=1e-3, atol=0)
 
 
 # -- compiling the optimizer's methods ------------------------------------------------------------------------

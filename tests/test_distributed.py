@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.func import functional_call
 
-from amp_fused import AMP, available_backends, functional
+from amp_fused import AMP, SAM, available_backends, functional
 from op_definition import projection_scale
 
 pytestmark = [pytest.mark.slow,
@@ -129,6 +129,23 @@ def single_process_amp(norm, backend):
     return [p.detach().clone() for p in model.parameters()], opt.last_norms
 
 
+SAM_RHO, SAM_ETA = 0.1, 0.01
+
+
+def make_sam(params, adaptive, **kwargs):
+    return SAM(params, torch.optim.SGD, rho=SAM_RHO, adaptive=adaptive, eta=SAM_ETA, lr=LR, momentum=MOMENTUM,
+               **kwargs)
+
+
+def single_process_sam(adaptive, rho=SAM_RHO):
+    """SAM/ASAM in this process on the concatenated batches (``rho=0``: plain SGD)."""
+    model = mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, adaptive=adaptive, eta=SAM_ETA, lr=LR, momentum=MOMENTUM)
+    for shards_of_step in batches():
+        opt.step(loss_closure(model, *concatenated(shards_of_step)))
+    return [p.detach().clone() for p in model.parameters()]
+
+
 def max_difference(a, b):
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
@@ -155,6 +172,28 @@ def _train_ddp(rank, backend, norm, sync_ascent):
     for shards_of_step in batches():
         opt.step(loss_closure(model, *shards_of_step[rank]))
     return [p.detach().clone() for p in model.module.parameters()]
+
+
+def _train_sam_ddp(rank, adaptive):
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(mlp())
+    opt = make_sam(model.parameters(), adaptive, model=model)
+    for shards_of_step in batches():
+        opt.step(loss_closure(model, *shards_of_step[rank]))
+    return [p.detach().clone() for p in model.module.parameters()]
+
+
+def _train_sam_fsdp(rank, mesh, adaptive):
+    from torch.distributed.fsdp import fully_shard
+
+    model = mlp()
+    for module in (model[0], model[2], model):
+        fully_shard(module, mesh=mesh)
+    opt = make_sam(model.parameters(), adaptive)
+    for shards_of_step in batches():
+        opt.step(loss_closure(model, *shards_of_step[rank]))
+    return [p.full_tensor() for p in model.parameters()]
 
 
 def _train_fsdp(rank, mesh, norm):
@@ -274,6 +313,9 @@ def _run_all_scenarios(rank, port, out_dir, backends):
         mesh = init_device_mesh("cpu", (WORLD,))
         for norm in NORMS:
             results["fsdp", norm] = _train_fsdp(rank, mesh, norm)
+        for adaptive in (False, True):
+            results["sam-ddp", adaptive] = _train_sam_ddp(rank, adaptive)
+            results["sam-fsdp", adaptive] = _train_sam_fsdp(rank, mesh, adaptive)
         results["dtensor"] = _dtensor_ops(mesh)
         results["dtensor_2d"] = _dtensor_ops_2d()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -406,3 +448,15 @@ def test_dtensor_ops_reject_mismatched_and_partial_tensors(worker_results):
     assert "Shard(dim=0)" in errors["grads_replicated"] and "Replicate()" in errors["grads_replicated"]
     assert errors["params_partial"] is not None and "params[0]" in errors["params_partial"]
     assert "Partial" in errors["params_partial"]
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_sam_under_ddp_and_fully_shard_equals_single_process_sam(worker_results, adaptive):
+    """SAM's one ball over all parameters: under DDP from the all-reduced gradient, under FSDP2 from the norms of
+    the full tensors (the sharded backend), so both equal SAM on the concatenated batch in one process."""
+    expected = single_process_sam(adaptive)
+    for rank in range(WORLD):
+        assert_all_close(worker_results[rank]["sam-ddp", adaptive], expected)
+        assert_all_close(worker_results[rank]["sam-fsdp", adaptive], expected)
+    assert max_difference(expected, single_process_sam(adaptive, rho=0.0)) > FAR  # the ascent mattered
+    assert max_difference(expected, single_process_sam(not adaptive)) > FAR
