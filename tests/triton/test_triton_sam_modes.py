@@ -15,14 +15,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-import amp_fused
 from amp_fused import functional
 from amp_fused.backends import NORM_EPS
 from amp_fused.backends import triton as triton_backend
@@ -324,7 +320,7 @@ def test_default_calls_launch_the_kernels_with_the_modes_off():
 def test_mode_specialisations_compile_for_sm90(tmp_path):
     """Every kernel specialisation a mode launches (tests/triton/test_triton_compile.py compiles the default
     ones) builds for sm_90, without local memory, and with vector loads in the per-tensor kernels."""
-    from test_triton_compile import COMPILER, _specification
+    from test_triton_compile import _specification, assert_compiles_for_sm90
 
     with recorded_launches() as launches:
         for dtype in DTYPES:
@@ -338,17 +334,4 @@ def test_mode_specialisations_compile_for_sm90(tmp_path):
              if bound.get("SURFACE") or bound.get("WEIGHTED")}
     specs = [json.loads(s) for s in sorted(specs)]
     assert len(specs) == 4 + 2 + 4 * 4  # sumsq WEIGHTED per dtype; scale SURFACE per norm; apply per mode and dtype
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(amp_fused.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
-    child = subprocess.run([sys.executable, "-c", COMPILER], input=json.dumps(specs), capture_output=True, text=True,
-                           env=env, cwd=root, timeout=600)
-    assert child.returncode == 0, child.stderr[-4000:]
-    results = [json.loads(line) for line in child.stdout.splitlines()]
-    assert [r["spec"] for r in results] == specs
-    for r in results:
-        assert r["cubin_bytes"] > 0
-        assert not r["local_memory"], f"{r['spec']} spills to local memory"
-        if r["spec"]["kernel"] != "perturb_scale_kernel":
-            assert r["vector_loads"] > 0, f"{r['spec']}: full aligned chunks should use 16-byte vector loads"
+    assert_compiles_for_sm90(specs, tmp_path)
