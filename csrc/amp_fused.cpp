@@ -117,11 +117,8 @@ inline void prefetch_first(PyObject** items, Py_ssize_t n) {
 }
 
 // Whether every item of a list or tuple is exactly a torch.Tensor or an nn.Parameter (the tensors the C++ passes
-// read directly), with no TorchFunctionMode on: else the Python path answers.
-bool all_plain_tensors(PyObject* seq) {
-  if (at::impl::torch_function_mode_enabled()) {
-    return false;
-  }
+// read directly).
+bool only_plain_tensors(PyObject* seq) {
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
   PyObject** items = PySequence_Fast_ITEMS(seq);
   for (Py_ssize_t i = 0; i < n; ++i) {
@@ -133,6 +130,11 @@ bool all_plain_tensors(PyObject* seq) {
     }
   }
   return true;
+}
+
+// only_plain_tensors, with no TorchFunctionMode on: else the Python path answers.
+bool all_plain_tensors(PyObject* seq) {
+  return !at::impl::torch_function_mode_enabled() && only_plain_tensors(seq);
 }
 
 // Whether `tensors` (a list or tuple) lie at the addresses `expected` holds (a 1-d int64 CPU tensor), one
@@ -258,19 +260,8 @@ py::object same_layout(py::handle tensors, py::handle signature) {
 // then does it, or raises its own error). Runs no Python code.
 bool bump_versions(py::args lists) {
   for (py::handle list : lists) {
-    PyObject* seq = list.ptr();
-    if (!is_list_or_tuple(seq)) {
+    if (!is_list_or_tuple(list.ptr()) || !only_plain_tensors(list.ptr())) {
       return false;
-    }
-    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject** items = PySequence_Fast_ITEMS(seq);
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      if (i + 3 * kAhead < n) {
-        prefetch_bytes(items[i + 3 * kAhead], sizeof(THPVariable));
-      }
-      if (!THPVariable_CheckExact(items[i])) {
-        return false;
-      }
     }
   }
   for (py::handle list : lists) {
