@@ -70,6 +70,17 @@ def build(specs, dtypes, layout, seed, scale=1.0):
     return out
 
 
+def ascent_lists(spec, poison):
+    """(params, grads, backups, θ in float64) of a first ascent; ``poison``: a NaN or Inf in the first gradient."""
+    specs, dtypes, layout = spec
+    params, grads = build(specs, dtypes, layout, 1), build(specs, dtypes, layout, 2)
+    if poison and grads[0].numel():
+        grads[0][(0,) * grads[0].dim()] = float(poison)
+    backups = [torch.empty_like(p) for p in params]
+    theta = [p.to(torch.float64, copy=True) for p in params]  # .double() would alias fp64 tensors
+    return params, grads, backups, theta
+
+
 def run_or_reject(call, params):
     """Run an op; a backend may refuse a layout, but then with a clear error and before writing anything."""
     before = [p.clone() for p in params]
@@ -95,11 +106,7 @@ def close(actual, expected, dtype, magnitude, what=""):
        epsilon=st.sampled_from([0.0, 1e-3, 0.5, 10.0]), inner_lr=st.sampled_from([0.0, 0.1, 1.0]))
 def test_perturb_matches_definition(backend, spec, per_tensor, first, poison, epsilon, inner_lr):
     specs, dtypes, layout = spec
-    params, grads = build(specs, dtypes, layout, 1), build(specs, dtypes, layout, 2)
-    if poison and grads[0].numel():
-        grads[0][(0,) * grads[0].dim()] = float(poison)
-    backups = [torch.empty_like(p) for p in params]
-    theta = [p.to(torch.float64, copy=True) for p in params]  # .double() would alias fp64 tensors
+    params, grads, backups, theta = ascent_lists(spec, poison)
     previous = [torch.zeros_like(t) for t in theta]
     if not first:  # start from a perturbed state: θ + Δ_old in params
         offsets = build(specs, dtypes, layout, 3, scale=0.01)
@@ -157,12 +164,8 @@ def test_perturb_matches_definition(backend, spec, per_tensor, first, poison, ep
        inner_lr=st.sampled_from([0.1, 1.0]))
 def test_perturb_sam_modes_match_definition(backend, spec, per_tensor, eta, poison, epsilon, inner_lr):
     """The surface projection (SAM) and the element weights (ASAM) on a first ascent."""
-    specs, dtypes, layout = spec
-    params, grads = build(specs, dtypes, layout, 1), build(specs, dtypes, layout, 2)
-    if poison and grads[0].numel():
-        grads[0][(0,) * grads[0].dim()] = float(poison)
-    backups = [torch.empty_like(p) for p in params]
-    theta = [p.to(torch.float64, copy=True) for p in params]
+    _, dtypes, _ = spec
+    params, grads, backups, theta = ascent_lists(spec, poison)
     definition = perturb(params, grads, None, epsilon, inner_lr, per_tensor, True, True, eta)
     ok, norms = run_or_reject(lambda: functional.perturb_(params, grads, backups, epsilon, inner_lr, per_tensor,
                                                           True, True, eta, backend=backend), params)
