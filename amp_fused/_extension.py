@@ -43,7 +43,7 @@ import torch
 
 from . import _build, checks
 
-OPS = ("perturb_", "restore_", "restore_sgd_")
+OPS = ("perturb_", "restore_", "restore_sgd_", "norms", "restore_orthogonal_", "add_orthogonal_")
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _MODULES = {"cpu": "amp_fused._C", "cuda": "amp_fused._C_cuda"}
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
@@ -299,12 +299,28 @@ def _fake_restore_sgd_(params, backups, grads, momentum_buffers, lr, momentum, d
                              overlap=False)
 
 
+def _fake_norms(tensors):
+    checks.check_norms(tensors, overlap=False)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    return torch.empty(len(tensors) + 1, dtype=torch.float32, device=device)
+
+
+def _fake_restore_orthogonal_(params, backups, grads, orthogonals, per_tensor):
+    checks.check_restore_orthogonal(params, backups, grads, orthogonals, overlap=False)
+
+
+def _fake_add_orthogonal_(grads, orthogonals, alpha, per_tensor):
+    checks.check_add_orthogonal(grads, orthogonals, alpha, overlap=False)
+
+
 def _register_fakes() -> str | None:
     if not all(_op_exists(name) for name in OPS):
         return "the ops are not defined (amp_fused._C is not loaded)"
     try:
         for name, fake in (("perturb_", _fake_perturb_), ("restore_", _fake_restore_),
-                           ("restore_sgd_", _fake_restore_sgd_)):
+                           ("restore_sgd_", _fake_restore_sgd_), ("norms", _fake_norms),
+                           ("restore_orthogonal_", _fake_restore_orthogonal_),
+                           ("add_orthogonal_", _fake_add_orthogonal_)):
             torch.library.register_fake(f"amp_fused::{name}", fake)
     except Exception as exc:  # noqa: BLE001
         return f"registering the fake implementations failed: {exc!r}"

@@ -19,7 +19,7 @@ The contract, in the order it is checked (the first failure raises; every messag
 ``amp_fused.<op>: ``):
 
 1. every list has as many tensors as ``params`` (``ValueError``);
-2. the scalars: ``epsilon``, ``inner_lr``, ``eta`` (when given), ``lr``, ``momentum``, ``weight_decay`` finite
+2. the scalars: ``epsilon``, ``inner_lr``, ``eta`` (when given), ``lr``, ``momentum``, ``weight_decay``, ``alpha`` finite
    and >= 0, ``dampening`` finite (``ValueError``; a value that is not a number at all: ``TypeError``); ``eta``
    only with ``first=True`` (``ValueError``);
 3. index by index, list by list (``params`` first), each tensor: is a tensor (``TypeError``), is strided,
@@ -32,7 +32,9 @@ The contract, in the order it is checked (the first failure raises; every messag
 
 Op lists, (W) written, (R) read: ``perturb_``: params (W), grads (R), backups (W); ``restore_``: params (W),
 backups (R); ``restore_sgd_``: params (W), backups (R), grads (R), momentum_buffers (W; only when
-``momentum != 0``, otherwise ignored and may be empty); ``perturbation``: params (R), backups (R).
+``momentum != 0``, otherwise ignored and may be empty); ``perturbation``: params (R), backups (R); ``norms``:
+tensors (R); ``restore_orthogonal_``: params (W), backups (R), grads (R), orthogonals (W); ``add_orthogonal_``:
+grads (W), orthogonals (R), with ``alpha`` finite and >= 0.
 
 The checks read tensor attributes only: no device sync, no tensor allocation.
 """
@@ -44,7 +46,7 @@ from typing import Sequence, Tuple
 import torch
 
 __all__ = ["SUPPORTED_DTYPES", "check_lists", "check_perturb", "check_restore", "check_restore_sgd",
-           "check_perturbation"]
+           "check_perturbation", "check_norms", "check_restore_orthogonal", "check_add_orthogonal"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _SUPPORTED = frozenset(SUPPORTED_DTYPES)
@@ -257,3 +259,22 @@ def check_perturbation(params, backups, *, overlap: bool = True) -> None:
     lists = (("params", params, False), ("backups", backups, False))
     _check_lengths("perturbation", lists)
     _check_tensors("perturbation", lists, overlap)
+
+
+def check_norms(tensors, *, overlap: bool = True) -> None:
+    """The contract of ``norms`` (it writes nothing)."""
+    check_lists("norms", (("tensors", tensors, False),), overlap=overlap)
+
+
+def check_restore_orthogonal(params, backups, grads, orthogonals, *, overlap: bool = True) -> None:
+    """The contract of ``restore_orthogonal_``."""
+    check_lists("restore_orthogonal_", (("params", params, True), ("backups", backups, False),
+                                        ("grads", grads, False), ("orthogonals", orthogonals, True)), overlap=overlap)
+
+
+def check_add_orthogonal(grads, orthogonals, alpha, *, overlap: bool = True) -> None:
+    """The contract of ``add_orthogonal_``."""
+    lists = (("grads", grads, True), ("orthogonals", orthogonals, False))
+    _check_lengths("add_orthogonal_", lists)
+    _check_scalar("add_orthogonal_", "alpha", alpha)
+    _check_tensors("add_orthogonal_", lists, overlap)

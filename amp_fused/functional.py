@@ -99,3 +99,32 @@ def perturbation(params: Tensors, backups: Tensors, *, backend="auto", validate:
         if _checking(validate, params):
             checks.check_perturbation(params, backups)
     return resolve(backend, params).perturbation(params, backups)
+
+
+def norms(tensors: Tensors, *, backend="auto", validate: bool = True) -> torch.Tensor:
+    """The fp32 norms ‖t‖₂ of each tensor, then the norm over all of them."""
+    if validate:
+        tensors = real_views(tensors)
+        if _checking(validate, tensors):
+            checks.check_norms(tensors)
+    return resolve(backend, tensors).norms(tensors)
+
+
+def restore_orthogonal_(params: Tensors, backups: Tensors, grads: Tensors, orthogonals: Tensors,
+                        per_tensor: bool = True, *, backend="auto", validate: bool = True) -> None:
+    """Put θ back, and store in ``orthogonals`` the part of ``grads`` (taken at θ + Δ) orthogonal to Δ."""
+    if validate:
+        params, backups, grads, orthogonals = (real_views(x) for x in (params, backups, grads, orthogonals))
+        if _checking(validate, params):
+            checks.check_restore_orthogonal(params, backups, grads, orthogonals)
+    resolve(backend, params).restore_orthogonal_(params, backups, grads, orthogonals, bool(per_tensor))
+
+
+def add_orthogonal_(grads: Tensors, orthogonals: Tensors, alpha: float, per_tensor: bool = True, *,
+                    backend="auto", validate: bool = True) -> None:
+    """``grads`` ← g + α·(‖g‖/‖v‖)·v with the stored ``orthogonals`` v (per tensor or over all tensors)."""
+    if validate:
+        grads, orthogonals = real_views(grads), real_views(orthogonals)
+        if _checking(validate, grads):
+            checks.check_add_orthogonal(grads, orthogonals, alpha)
+    resolve(backend, grads).add_orthogonal_(grads, orthogonals, float(alpha), bool(per_tensor))

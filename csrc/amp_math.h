@@ -94,6 +94,40 @@ C10_HOST_DEVICE inline V weighted_perturbed_value(V theta, V weight, V u, T scal
   return scale == T(0) ? theta : theta + V(scale) * (weight * u);
 }
 
+// ---- LookSAM's gradient reuse (restore_orthogonal_, add_orthogonal_) -------------------------------------
+// The coefficient c of g_v = g − c·Δ, the part of the gradient g at θ+Δ orthogonal to Δ: c = ⟨Δ,g⟩ / ‖Δ‖²
+// from the sums over a tensor (or over all of them). 0 where ‖Δ‖² is not > 0 (Δ = 0, NaN) or c is not finite,
+// so that g_v is g itself there.
+template <typename T>
+C10_HOST_DEVICE inline T orthogonal_coefficient(T dot, T squared_norm) {
+  if (!(squared_norm > T(0))) {
+    return T(0);
+  }
+  const T c = dot / squared_norm;
+  return is_finite(c) ? c : T(0);
+}
+
+// g − c·Δ; a zero c returns g itself.
+template <typename V, typename T>
+C10_HOST_DEVICE inline V orthogonal_value(V grad, V delta, T c) {
+  return c == T(0) ? grad : grad - V(c) * delta;
+}
+
+// The coefficient α·‖g‖ / ‖g_v‖ of the stored direction in g + α·(‖g‖/‖g_v‖)·g_v; 0 where it is not finite
+// (g_v = 0, or a norm that is NaN or Inf), which leaves the gradient as it is.
+template <typename T>
+C10_HOST_DEVICE inline T direction_coefficient(T alpha, T grad_norm, T orthogonal_norm) {
+  const T coef = alpha * grad_norm / orthogonal_norm;
+  return is_finite(coef) ? coef : T(0);
+}
+
+// g + coef·g_v; a zero coef returns g itself, so a NaN/Inf in g_v (whose norm then was not finite) never
+// reaches the gradient.
+template <typename V, typename T>
+C10_HOST_DEVICE inline V directed_value(V grad, V orthogonal, T coef) {
+  return coef == T(0) ? grad : grad + V(coef) * orthogonal;
+}
+
 // One torch.optim.SGD update of a single element, applied to θ (the restored parameter).
 // Matches torch/optim/sgd.py: d_p = ±g (+ wd·θ); buf = d_p on the first step, else
 // momentum·buf + (1 − dampening)·d_p; d_p = d_p + momentum·buf (nesterov) or buf; θ − lr·d_p.

@@ -306,4 +306,25 @@ inline void check_restore_sgd(at::TensorList params, at::TensorList backups, at:
   }
 }
 
+// norms reads only, so no overlap can fail it.
+inline void check_norms(at::TensorList tensors) {
+  check_lists("norms", {{"tensors", tensors, false}});
+}
+
+inline void check_restore_orthogonal(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                                     at::TensorList orthogonals) {
+  check_lists("restore_orthogonal_", {{"params", params, true},
+                                      {"backups", backups, false},
+                                      {"grads", grads, false},
+                                      {"orthogonals", orthogonals, true}});
+}
+
+inline void check_add_orthogonal(at::TensorList grads, at::TensorList orthogonals, double alpha) {
+  constexpr const char* op = "add_orthogonal_";
+  const std::initializer_list<NamedList> lists = {{"grads", grads, true}, {"orthogonals", orthogonals, false}};
+  check_lengths(op, lists);
+  check_scalar(op, "alpha", alpha);
+  check_tensors(op, lists);
+}
+
 }  // namespace amp_fused::checks

@@ -14,6 +14,11 @@ TORCH_LIBRARY(amp_fused, m) {
       "restore_sgd_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "float lr, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
       "bool first_step) -> ()");
+  m.def("norms(Tensor[] tensors) -> Tensor");
+  m.def(
+      "restore_orthogonal_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor(b!)[] orthogonals, "
+      "bool per_tensor) -> ()");
+  m.def("add_orthogonal_(Tensor(a!)[] grads, Tensor[] orthogonals, float alpha, bool per_tensor) -> ()");
 }
 
 namespace {
@@ -48,4 +53,6 @@ TORCH_LIBRARY_IMPL(amp_fused, ADInplaceOrView, m) {
   m.impl("perturb_", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
   m.impl("restore_", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
   m.impl("restore_sgd_", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
+  m.impl("restore_orthogonal_", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
+  m.impl("add_orthogonal_", torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
 }

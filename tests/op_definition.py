@@ -14,6 +14,11 @@ any backend: each function takes what the op reads and returns, in float64, what
 ``restore_sgd_(...)``: params ← θ, then one ``torch.optim.SGD`` step (maximize, weight_decay, momentum
     with ``first_step`` initialising the buffer to d_p, dampening, nesterov).
 ``perturbation(params, backups)``: Δ = params − θ.
+``norms(tensors)``: ‖t‖₂ per tensor, then over all tensors.
+``restore_orthogonal_(params, backups, grads, orthogonals, per_tensor)``: Δ = params − θ, c = ⟨Δ,g⟩/‖Δ‖² per
+    tensor or over all (0 where ‖Δ‖² is 0 or c is not finite), orthogonals ← g − c·Δ (g where c = 0), params ← θ.
+``add_orthogonal_(grads, orthogonals, alpha, per_tensor)``: coef = α·‖g‖/‖v‖ per tensor or over all (0 where
+    not finite), grads ← g + coef·v (g where coef = 0).
 
 Besides the definition: building tensor lists, and the error each dtype allows a backend (``*_bounds``).
 Backends round, the definition does not; every test compares against a bound derived here, and shows
@@ -128,6 +133,60 @@ def restore_sgd(theta: Tensors, grads: Tensors, momentum_buffers: Tensors, lr: f
 def perturbation(params: Tensors, theta: Tensors) -> list:
     """The effect of ``perturbation``: Δ = params − θ."""
     return [p.to(torch.float64) - t.to(torch.float64) for p, t in zip(params, theta)]
+
+
+def norms(tensors: Tensors) -> torch.Tensor:
+    """The effect of ``norms``: ‖t‖₂ per tensor, then the norm over all of them (float64)."""
+    values = [l2(t) for t in tensors]
+    return torch.tensor(values + [total_norm(values)], dtype=torch.float64)
+
+
+def orthogonal_coefficient(dot: float, squared_norm: float) -> float:
+    """c of g − c·Δ: ⟨Δ,g⟩/‖Δ‖², 0 where ‖Δ‖² is not > 0 or c is not finite."""
+    if not squared_norm > 0.0:
+        return 0.0
+    c = dot / squared_norm
+    return c if math.isfinite(c) else 0.0
+
+
+class Orthogonal(NamedTuple):
+    orthogonals: list  # float64 g − c·Δ
+    coefficients: list  # c of each tensor
+    deltas: list  # float64 Δ = params − θ
+
+
+def restore_orthogonal(params: Tensors, theta: Tensors, grads: Tensors, per_tensor: bool) -> Orthogonal:
+    """The effect of ``restore_orthogonal_`` on ``orthogonals`` (params become θ, as ``restore``)."""
+    deltas = perturbation(params, theta)
+    wide = [g.to(torch.float64) for g in grads]
+    dots = [float((d * g).sum()) for d, g in zip(deltas, wide)]
+    squares = [float(d.square().sum()) for d in deltas]
+    if per_tensor:
+        coefficients = [orthogonal_coefficient(dot, sq) for dot, sq in zip(dots, squares)]
+    else:
+        coefficients = [orthogonal_coefficient(math.fsum(dots), math.fsum(squares))] * len(deltas)
+    orthogonals = [g - c * d if c != 0.0 else g.clone() for g, d, c in zip(wide, deltas, coefficients)]
+    return Orthogonal(orthogonals, coefficients, deltas)
+
+
+def direction_coefficients(grads: Tensors, orthogonals: Tensors, alpha: float, per_tensor: bool) -> list:
+    """coef of ``add_orthogonal_``: α·‖g‖/‖v‖ per tensor or over all, 0 where not finite."""
+    g_norms, v_norms = [l2(g) for g in grads], [l2(v) for v in orthogonals]
+    if not per_tensor:
+        g_norms = [total_norm(g_norms)] * len(g_norms)
+        v_norms = [total_norm(v_norms)] * len(v_norms)
+    coefficients = []
+    for a, b in zip(g_norms, v_norms):
+        with_errors_as_nan = alpha * a / b if b != 0.0 else (math.nan if a == 0.0 or alpha == 0.0 else math.inf)
+        coefficients.append(with_errors_as_nan if math.isfinite(with_errors_as_nan) else 0.0)
+    return coefficients
+
+
+def add_orthogonal(grads: Tensors, orthogonals: Tensors, alpha: float, per_tensor: bool) -> list:
+    """The effect of ``add_orthogonal_`` on ``grads`` (float64)."""
+    coefficients = direction_coefficients(grads, orthogonals, alpha, per_tensor)
+    return [g.to(torch.float64) + c * v.to(torch.float64) if c != 0.0 else g.to(torch.float64, copy=True)
+            for g, v, c in zip(grads, orthogonals, coefficients)]
 
 
 # -- tensor lists -----------------------------------------------------------------------------------------------
@@ -263,6 +322,54 @@ def ascent_bounds(ascent: Ascent, dtypes, per_tensor: bool, subtracts_back: bool
         if subtracts_back:
             bound = bound + ULPS * UNIT[dtype] * (t.abs() + o.abs())
         bounds.append(bound)
+    return bounds
+
+
+def compute_unit(dtype) -> float:
+    """Unit roundoff of the type a fused kernel computes ``dtype`` values in (fp32, fp64 for fp64)."""
+    return UNIT[torch.float64] if dtype == torch.float64 else UNIT[torch.float32]
+
+
+def orthogonal_bounds(result: Orthogonal, grads: Tensors, theta: Tensors, per_tensor: bool,
+                      subtracts_back: bool = False) -> list:
+    """|orthogonals − definition| allowed, elementwise: ULPS roundings of g and c·Δ; the error of Δ as the backend
+    forms it (p − θ in the compute type; ``subtracts_back``: the Δ it kept, off by the rounding of θ + Δ); and the
+    error of c that the sums' accumulation (NORM_RTOL of Σ|Δ·g| ≤ ‖Δ‖‖g‖) and Δ's error give (first order)."""
+    dtypes = [g.dtype for g in grads]
+    wide = [g.to(torch.float64) for g in grads]
+    delta_errors = []
+    for d, t, dtype in zip(result.deltas, theta, dtypes):
+        if subtracts_back:
+            delta_errors.append(ULPS * UNIT[dtype] * (t.double().abs() + d.abs()))
+        else:
+            delta_errors.append(compute_unit(dtype) * d.abs())
+    groups = [[i] for i in range(len(wide))] if per_tensor else [list(range(len(wide)))]
+    bounds = [None] * len(wide)
+    for members in groups:
+        g_norm = math.sqrt(sum(float(wide[i].square().sum()) for i in members))
+        d_norm = math.sqrt(sum(float(result.deltas[i].square().sum()) for i in members))
+        e_norm = math.sqrt(sum(float(delta_errors[i].square().sum()) for i in members))
+        rho = max([NORM_RTOL[dtypes[i]] for i in members], default=0.0)
+        c = abs(result.coefficients[members[0]]) if members else 0.0
+        dc = 0.0
+        if d_norm > 0 and c != 0.0:
+            dc = (rho * (g_norm * d_norm + c * d_norm ** 2) + g_norm * e_norm + 2 * c * d_norm * e_norm) / d_norm ** 2
+        for i in members:
+            u = UNIT[dtypes[i]]
+            d = result.deltas[i].abs()
+            bounds[i] = ULPS * u * (wide[i].abs() + c * d) + dc * d + c * delta_errors[i]
+    return bounds
+
+
+def add_orthogonal_bounds(grads: Tensors, orthogonals: Tensors, alpha: float, per_tensor: bool) -> list:
+    """|grads after − definition| allowed, elementwise: ULPS roundings of g and coef·v, and the relative error of
+    coef = α‖g‖/‖v‖ (two norms, NORM_RTOL each)."""
+    coefficients = direction_coefficients(grads, orthogonals, alpha, per_tensor)
+    bounds = []
+    for g, v, c in zip(grads, orthogonals, coefficients):
+        u, rho = UNIT[g.dtype], max(NORM_RTOL[g.dtype], 2.0**-23)
+        moved_term = c * v.double().abs()
+        bounds.append(ULPS * u * (g.double().abs() + moved_term) + 2 * rho * moved_term)
     return bounds
 
 

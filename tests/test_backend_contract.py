@@ -25,9 +25,11 @@ import torch
 import amp_fused
 from amp_fused import functional
 from amp_fused.triton.metadata import CHUNK as TRITON_CHUNK
-from op_definition import (DTYPES, ULPS, UNIT, ascent_bounds, assert_bitwise_equal, assert_within, bits, bound_norm,
-                           clones, dtype_id, empty_like, epsilon_for, make_lists, moved, norm_bounds, perturb,
-                           perturbation, random_bits, restore_bounds, restore_sgd, sgd_bounds)
+from op_definition import (DTYPES, NORM_RTOL, ULPS, UNIT, add_orthogonal, add_orthogonal_bounds, ascent_bounds,
+                           assert_bitwise_equal, assert_within, bits, bound_norm, clones, direction_coefficients,
+                           dtype_id, empty_like, epsilon_for, make_lists, moved, norm_bounds, norms, orthogonal_bounds,
+                           perturb, perturbation, random_bits, restore_bounds, restore_orthogonal, restore_sgd,
+                           sgd_bounds)
 
 CPU_CHUNK = 1 << 16  # elements per chunk of the C++ CPU kernels (and per block of the CUDA ones)
 # An effect a test checks must exceed the error it allows by this factor (its norm over the L2 norm of the
@@ -572,6 +574,218 @@ def test_perturbation_is_delta(device, backend, dtype):
 
 
 # -- lists and layouts -------------------------------------------------------------------------------------------
+# -- norms, restore_orthogonal_, add_orthogonal_ (the "gradient" schedule) --------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_norms_match_the_definition(device, backend, dtype):
+    tensors = make_lists(EDGE_SHAPES + CPU_CHUNK_SHAPES, dtype, seed=40, device=device)[1]
+    result = functional.norms(tensors, backend=backend)
+    expected = norms(tensors)
+    assert result.dtype == torch.float32 and result.shape == (len(tensors) + 1,) and result.device == tensors[0].device
+    rtol = max(NORM_RTOL[dtype], 2.0**-23)
+    torch.testing.assert_close(result.double().cpu(), expected, rtol=2 * rtol, atol=0)
+    assert expected[-1] > 100  # real norms
+
+
+def test_norms_do_not_overflow_and_report_non_finite(device, backend):
+    big = [torch.full((CPU_CHUNK + 3,), 1e30, device=device), torch.full((9,), 6e4, device=device, dtype=torch.float16),
+           torch.full((4,), 1e-25, device=device, dtype=torch.float64)]  # (1e-25)² underflows fp32, not fp64
+    result = functional.norms(big, backend=backend).double().cpu()
+    torch.testing.assert_close(result, norms(big), rtol=1e-5, atol=0)
+    assert torch.isfinite(result).all() and result[0] > 1e32  # Σ t² overflows fp32, the norm does not
+    bad = clones(big)
+    bad[1][3] = math.nan
+    result = functional.norms(bad, backend=backend)
+    assert math.isnan(result[1]) and math.isnan(result[-1]) and math.isfinite(result[0])
+
+
+def adversarial_state(backend, shapes, dtypes, seed, device, per_tensor, epsilon=None):
+    """θ, the parameters at θ + Δ after a first ascent (with ``backups``), and a gradient there: half along the
+    ascent's gradient (so c is well away from 0), half another draw."""
+    params, grads = make_lists(shapes, dtypes, seed=seed, device=device)
+    other = make_lists(shapes, dtypes, seed=seed + 1, device=device)[1]
+    theta, backups = clones(params), empty_like(params)
+    if epsilon is None:
+        epsilon = epsilon_for(grads, 1.0, per_tensor)
+    functional.perturb_(params, grads, backups, epsilon, 1.0, per_tensor, True, backend=backend)
+    at_delta = [(0.5 * g.double() + o.double()).to(g.dtype) for g, o in zip(grads, other)]
+    return theta, params, backups, at_delta
+
+
+def check_restore_orthogonal(backend, theta, params, backups, grads, per_tensor):
+    """One ``restore_orthogonal_`` checked against the definition; returns (definition, orthogonals, bounds)."""
+    perturbed = clones(params)
+    orthogonals = [torch.full_like(p, 7.0) for p in params]  # whatever the buffers held before
+    functional.restore_orthogonal_(params, backups, grads, orthogonals, per_tensor, backend=backend)
+    expected = restore_orthogonal(perturbed, theta, grads, per_tensor)
+    bounds = orthogonal_bounds(expected, grads, theta, per_tensor, subtracts_back(backend))
+    assert_within(orthogonals, expected.orthogonals, bounds, "orthogonal")
+    if subtracts_back(backend):
+        assert_within(params, theta, restore_bounds(theta, perturbed))
+    else:
+        assert_bitwise_equal(params, theta, "restored param")
+    for o, p in zip(orthogonals, params):
+        assert o.dtype == p.dtype and o.shape == p.shape and o.stride() == p.stride()
+    return expected, orthogonals, bounds
+
+
+def orthogonality(orthogonals, deltas, grads, members) -> tuple[float, float]:
+    """(|⟨v, Δ⟩|, |⟨g, Δ⟩|) over the tensors ``members``, in float64."""
+    dot_v = sum(float((orthogonals[i].double() * deltas[i]).sum()) for i in members)
+    dot_g = sum(float((grads[i].double() * deltas[i]).sum()) for i in members)
+    return abs(dot_v), abs(dot_g)
+
+
+@pytest.mark.parametrize("per_tensor", [True, False], ids=per_tensor_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_restore_orthogonal_keeps_the_part_orthogonal_to_delta(device, backend, dtype, per_tensor):
+    theta, params, backups, grads = adversarial_state(backend, EDGE_SHAPES, dtype, 41, device, per_tensor)
+    expected, orthogonals, bounds = check_restore_orthogonal(backend, theta, params, backups, grads, per_tensor)
+    # c·Δ is removed, far beyond the bound (the reference backend's Δ in fp16/bf16 is off by the rounding of θ + Δ,
+    # which its bound allows: there only beyond it)
+    coarse = subtracts_back(backend) and UNIT[dtype] > 2.0**-20
+    assert moved(orthogonals, grads) > (2 if coarse else SIGNIFICANT) * bound_norm(bounds)
+    groups = [[i] for i, g in enumerate(grads) if g.numel() > 1] if per_tensor else [list(range(len(grads)))]
+    for members in groups:  # independent of the definition: what is left is orthogonal to Δ
+        dot_v, dot_g = orthogonality(orthogonals, expected.deltas, grads, members)
+        assert dot_v <= 0.05 * dot_g, (members, dot_v, dot_g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("per_tensor", [True, False], ids=per_tensor_id)
+def test_restore_orthogonal_across_cpu_chunk_boundaries(device, backend, per_tensor, dtype):
+    theta, params, backups, grads = adversarial_state(backend, CPU_CHUNK_SHAPES, dtype, 43, device, per_tensor)
+    _, orthogonals, bounds = check_restore_orthogonal(backend, theta, params, backups, grads, per_tensor)
+    coarse = subtracts_back(backend) and UNIT[dtype] > 2.0**-20
+    assert moved(orthogonals, grads) > (2 if coarse else SIGNIFICANT) * bound_norm(bounds)
+
+
+@pytest.mark.parametrize("per_tensor", [True, False], ids=per_tensor_id)
+def test_gradient_reuse_ops_on_mixed_dtypes(device, backend, per_tensor):
+    dtypes, shapes = [d for d, _ in MIXED_DTYPE_CASE], [s for _, s in MIXED_DTYPE_CASE]
+    theta, params, backups, grads = adversarial_state(backend, shapes, dtypes, 45, device, per_tensor)
+    _, orthogonals, bounds = check_restore_orthogonal(backend, theta, params, backups, grads, per_tensor)
+    assert moved(orthogonals, grads) > (2 if subtracts_back(backend) else SIGNIFICANT) * bound_norm(bounds)
+    new_grads = make_lists(shapes, dtypes, seed=47, device=device)[1]
+    check_add_orthogonal(backend, new_grads, orthogonals, 0.7, per_tensor)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("per_tensor", [True, False], ids=per_tensor_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_restore_orthogonal_of_a_non_finite_gradient_is_that_gradient(device, backend, dtype, per_tensor, bad):
+    """c is 0 where ⟨Δ, g⟩ is not finite: g_v is g, bit for bit (its NaN or Inf included, for add_orthogonal_ to
+    drop); per tensor only that tensor, globally every tensor; θ comes back exactly all the same."""
+    shapes, poisoned = [(5,), (CPU_CHUNK + 5,), (40,), ()], 1
+    theta, params, backups, grads = adversarial_state(backend, shapes, dtype, 49, device, per_tensor)
+    grads[poisoned][CPU_CHUNK + 2] = bad
+    perturbed = clones(params)
+    orthogonals = empty_like(params)
+    functional.restore_orthogonal_(params, backups, grads, orthogonals, per_tensor, backend=backend)
+    expected = restore_orthogonal(perturbed, theta, grads, per_tensor)
+    kept = [i for i, c in enumerate(expected.coefficients) if c == 0.0]
+    assert kept == ([poisoned] if per_tensor else list(range(len(grads))))  # (the definition agrees)
+    assert_bitwise_equal([orthogonals[i] for i in kept], [grads[i] for i in kept], "g_v = g")
+    others = [i for i in range(len(grads)) if i not in kept]
+    bounds = orthogonal_bounds(expected, grads, theta, per_tensor, subtracts_back(backend))
+    assert_within([orthogonals[i] for i in others], [expected.orthogonals[i] for i in others],
+                  [bounds[i] for i in others])
+    if others:
+        assert moved([orthogonals[i] for i in others], [grads[i] for i in others]) > 0
+    if not subtracts_back(backend):
+        assert_bitwise_equal(params, theta, "restored param")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_restore_orthogonal_of_a_zero_delta_is_the_gradient(device, backend, dtype):
+    """ε = 0 leaves Δ = 0: c is 0 (not 0/0) and g_v = g exactly; per tensor, a tensor whose ascent gradient was 0."""
+    theta, params, backups, grads = adversarial_state(backend, EDGE_SHAPES, dtype, 51, device, False, epsilon=0.0)
+    orthogonals = empty_like(params)
+    functional.restore_orthogonal_(params, backups, grads, orthogonals, False, backend=backend)
+    assert_bitwise_equal(orthogonals, grads, "g_v = g")
+    assert_bitwise_equal(params, theta, "restored param")
+    shapes = [(7,), (3, 5), (TRITON_CHUNK + 1,)]
+    params, ascent = make_lists(shapes, dtype, seed=53, device=device)
+    ascent[0].zero_()
+    theta, backups = clones(params), empty_like(params)
+    functional.perturb_(params, ascent, backups, 100.0, 1.0, True, True, backend=backend)
+    grads = make_lists(shapes, dtype, seed=54, device=device)[1]
+    orthogonals = empty_like(params)
+    functional.restore_orthogonal_(params, backups, grads, orthogonals, True, backend=backend)
+    assert_bitwise_equal(orthogonals[:1], grads[:1], "g_v = g where Δ = 0")
+    assert moved(orthogonals[1:], grads[1:]) > 1e-3 * moved(grads[1:], [torch.zeros_like(g) for g in grads[1:]])
+
+
+def check_add_orthogonal(backend, grads, orthogonals, alpha, per_tensor):
+    """One ``add_orthogonal_`` checked against the definition; returns (before, bounds)."""
+    before = clones(grads)
+    functional.add_orthogonal_(grads, orthogonals, alpha, per_tensor, backend=backend)
+    expected = add_orthogonal(before, orthogonals, alpha, per_tensor)
+    bounds = add_orthogonal_bounds(before, orthogonals, alpha, per_tensor)
+    assert_within(grads, expected, bounds, "grad")
+    for g, b in zip(grads, before):
+        assert g.dtype == b.dtype and g.shape == b.shape and g.stride() == b.stride()
+    return before, bounds
+
+
+@pytest.mark.parametrize("per_tensor", [True, False], ids=per_tensor_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_add_orthogonal_adds_alpha_times_the_gradient_norm(device, backend, dtype, per_tensor):
+    shapes = EDGE_SHAPES + CPU_CHUNK_SHAPES[:2]
+    grads, orthogonals = make_lists(shapes, dtype, seed=55, device=device, param_scale=3.0)
+    before, bounds = check_add_orthogonal(backend, grads, orthogonals, 0.7, per_tensor)
+    assert moved(grads, before) > SIGNIFICANT * bound_norm(bounds)
+    # independent of the definition: the added part has norm α‖g‖ (per tensor, or over all tensors)
+    groups = [[i] for i, g in enumerate(grads) if g.numel()] if per_tensor else [list(range(len(grads)))]
+    for members in groups:
+        added = moved([grads[i] for i in members], [before[i] for i in members])
+        g_norm = moved([before[i] for i in members], [torch.zeros_like(before[i]) for i in members])
+        torch.testing.assert_close(added, 0.7 * g_norm, rtol=max(8 * UNIT[dtype], 1e-5), atol=0)
+
+
+@pytest.mark.parametrize("per_tensor", [True, False], ids=per_tensor_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_add_orthogonal_leaves_the_gradient_where_the_coefficient_is_not_finite(device, backend, dtype, per_tensor):
+    """A NaN or Inf in g_v, a zero g_v, or a non-finite gradient: that gradient stays as it is, bit for bit (per
+    tensor: only those; globally: all of them, as the norms over all tensors are not finite); α = 0 leaves all."""
+    shapes = [(5,), (CPU_CHUNK + 5,), (40,), (3, 4), (9,)]
+    grads, orthogonals = make_lists(shapes, dtype, seed=57, device=device, param_scale=2.0)
+    orthogonals[1][CPU_CHUNK + 1] = math.nan
+    orthogonals[2][7] = math.inf
+    orthogonals[3].zero_()
+    grads[4][2] = math.nan
+    before = clones(grads)
+    functional.add_orthogonal_(grads, orthogonals, 0.7, per_tensor, backend=backend)
+    coefficients = direction_coefficients(before, orthogonals, 0.7, per_tensor)
+    left = [i for i, c in enumerate(coefficients) if c == 0.0]
+    assert left == ([1, 2, 3, 4] if per_tensor else list(range(len(grads))))  # (the definition agrees)
+    assert_bitwise_equal([grads[i] for i in left], [before[i] for i in left], "untouched grad")
+    if per_tensor:
+        assert_within(grads[:1], add_orthogonal(before[:1], orthogonals[:1], 0.7, True),
+                      add_orthogonal_bounds(before[:1], orthogonals[:1], 0.7, True))
+        assert moved(grads[:1], before[:1]) > 0.1 * moved(before[:1], [torch.zeros_like(before[0])])
+    grads = clones(before)
+    functional.add_orthogonal_(grads, [torch.ones_like(g) for g in grads], 0.0, per_tensor, backend=backend)
+    assert_bitwise_equal(grads, before, "grad with alpha 0")
+
+
+def test_gradient_reuse_ops_on_empty_lists_and_tensors(device, backend):
+    if device == "cpu":
+        assert torch.equal(functional.norms([], backend=backend), torch.zeros(1))
+        functional.restore_orthogonal_([], [], [], [], True, backend=backend)
+        functional.add_orthogonal_([], [], 0.7, False, backend=backend)
+    nothing = [torch.empty(0, device=device), torch.empty(2, 0, device=device)]
+    assert functional.norms(nothing, backend=backend).tolist() == [0.0, 0.0, 0.0]
+    functional.restore_orthogonal_(nothing, empty_like(nothing), clones(nothing), empty_like(nothing), False,
+                                   backend=backend)
+    functional.add_orthogonal_(nothing, clones(nothing), 0.7, True, backend=backend)
+    # empty tensors among others change nothing about the others
+    shapes = [(0,), (5,), (0, 3), (TRITON_CHUNK + 2,)]
+    theta, params, backups, grads = adversarial_state(backend, shapes, torch.float32, 59, device, False)
+    _, orthogonals, bounds = check_restore_orthogonal(backend, theta, params, backups, grads, False)
+    assert moved(orthogonals, grads) > SIGNIFICANT * bound_norm(bounds)
+    check_add_orthogonal(backend, clones(grads), orthogonals, 0.7, False)
+
+
 def channels_last(t):
     return t.to(memory_format=torch.channels_last)
 
@@ -714,6 +928,16 @@ def test_writes_bump_autograd_version_counters(device, backend):
     assert all(a > b for a, b in zip(versions(params), before[0])), "restore_sgd_ must bump params"
     assert all(a > b for a, b in zip(versions(buffers), before[1])), "restore_sgd_ must bump momentum buffers"
 
+    functional.perturb_(params, grads, backups, 1.0, 1.0, True, True, backend=backend)
+    orthogonals = empty_like(params)
+    before = versions(params), versions(orthogonals)
+    functional.restore_orthogonal_(params, backups, grads, orthogonals, True, backend=backend)
+    assert all(a > b for a, b in zip(versions(params), before[0])), "restore_orthogonal_ must bump params"
+    assert all(a > b for a, b in zip(versions(orthogonals), before[1])), "restore_orthogonal_ must bump orthogonals"
+    before = versions(grads)
+    functional.add_orthogonal_(grads, orthogonals, 0.7, False, backend=backend)
+    assert all(a > b for a, b in zip(versions(grads), before)), "add_orthogonal_ must bump grads"
+
     w = torch.randn(4, requires_grad=True, device=device)
     x = torch.randn(4, device=device)
     y = (w * x).sum()  # autograd saved x for w's gradient
@@ -738,7 +962,12 @@ def test_bitwise_deterministic(device, backend):
         out += clones(params)
         functional.restore_sgd_(params, backups, grads2, buffers, 0.1, 0.9, 0.0, 1e-2, True, False, True,
                                 backend=backend)
-        return out + params + buffers
+        out += clones(params) + buffers + [functional.norms(grads2, backend=backend)]
+        functional.perturb_(params, grads, backups, 30.0, 0.5, False, True, backend=backend)
+        orthogonals = empty_like(params)
+        functional.restore_orthogonal_(params, backups, grads2, orthogonals, False, backend=backend)
+        functional.add_orthogonal_(grads, orthogonals, 0.7, True, backend=backend)
+        return out + params + orthogonals + grads
 
     first, second = run(), run()
     assert_bitwise_equal(first, second)
@@ -767,5 +996,16 @@ def test_bad_arguments_raise_before_writing(device, backend):
         functional.restore_(params, backups[:1], backend=backend)
     with pytest.raises(ValueError, match="momentum_buffers has 0 tensors"):
         functional.restore_sgd_(params, backups, grads, [], 0.1, 0.9, backend=backend)
+    orthogonals, saved_grads = empty_like(params), clones(grads)
+    with pytest.raises(ValueError, match=r"orthogonals\[1\] has shape"):
+        functional.restore_orthogonal_(params, backups, grads, [orthogonals[0], torch.empty(4, device=device),
+                                                                orthogonals[2]], True, backend=backend)
+    with pytest.raises(ValueError, match="share memory"):
+        functional.restore_orthogonal_(params, backups, grads, orthogonals[:2] + [grads[2]], True, backend=backend)
+    with pytest.raises(ValueError, match="alpha must be a finite number >= 0"):
+        functional.add_orthogonal_(grads, orthogonals, -0.5, True, backend=backend)
+    with pytest.raises(ValueError, match="same length"):
+        functional.add_orthogonal_(grads, orthogonals[:2], 0.5, True, backend=backend)
     assert_bitwise_equal(params, theta)
     assert_bitwise_equal(backups, saved_backups)
+    assert_bitwise_equal(grads, saved_grads)

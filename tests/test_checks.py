@@ -37,7 +37,7 @@ def make_lists(device="cpu", seed=0):
     def make():
         return [torch.randn(s, generator=gen).to(device) for s in SIZES]
 
-    return {"params": make(), "grads": make(), "backups": make(), "momentum_buffers": make()}
+    return {"params": make(), "grads": make(), "backups": make(), "momentum_buffers": make(), "orthogonals": make()}
 
 
 # -- the calls: functional argument order; the ops' flags fixed --------------------------------------------------
@@ -58,6 +58,18 @@ def perturbation(lists):
     return "perturbation", (lists["params"], lists["backups"])
 
 
+def norms(lists):
+    return "norms", (lists["grads"],)
+
+
+def restore_orthogonal(lists):
+    return "restore_orthogonal_", (lists["params"], lists["backups"], lists["grads"], lists["orthogonals"], True)
+
+
+def add_orthogonal(lists, alpha=0.7):
+    return "add_orthogonal_", (lists["grads"], lists["orthogonals"], alpha, False)
+
+
 def python_contract(op, args):
     """The Python contract alone, on the arguments as given (no conversion of complex tensors)."""
     if op == "perturb_":
@@ -66,6 +78,12 @@ def python_contract(op, args):
         checks.check_restore(*args)
     elif op == "restore_sgd_":
         checks.check_restore_sgd(*args[:8])
+    elif op == "norms":
+        checks.check_norms(*args)
+    elif op == "restore_orthogonal_":
+        checks.check_restore_orthogonal(*args[:4])
+    elif op == "add_orthogonal_":
+        checks.check_add_orthogonal(*args[:3])
     else:
         checks.check_perturbation(*args)
 
@@ -106,6 +124,15 @@ def _scalar_rows():
         for bad, text in ((-1.0, "-1"), (math.nan, "nan"), (math.inf, "inf")):
             rows.append(Row(f"{name}={text}", lambda lists, call=call, name=name, bad=bad: call(lists, **{name: bad}),
                             lambda lists: None, ValueError, rf"^{name} must be a finite number >= 0, got {text}$"))
+    for bad, text in ((-1.0, "-1"), (math.nan, "nan"), (math.inf, "inf")):  # the gradient-reuse step's α
+        rows.append(Row(f"alpha={text}", lambda lists, bad=bad: add_orthogonal(lists, alpha=bad), lambda lists: None,
+                        ValueError, rf"^alpha must be a finite number >= 0, got {text}$"))
+    rows.append(Row("alpha after the lengths", lambda lists: add_orthogonal(lists, alpha=-1.0),
+                    lambda lists: lists["orthogonals"].pop(), ValueError,
+                    r"^orthogonals has 2 tensors but grads has 3; the lists must have the same length$"))
+    rows.append(Row("alpha before the tensors", lambda lists: add_orthogonal(lists, alpha=-1.0),
+                    replaced("orthogonals", 1, lambda lists: lists["orthogonals"][1].double()), ValueError,
+                    r"^alpha must be a finite number >= 0, got -1$"))
     for bad, text in ((math.nan, "nan"), (-math.inf, "-inf")):
         rows.append(Row(f"dampening={text}", lambda lists, bad=bad: restore_sgd(lists, dampening=bad),
                         lambda lists: None, ValueError, rf"^dampening must be a finite number, got {text}$"))
@@ -200,6 +227,40 @@ def _bad_inputs(device="cpu"):
             replaced("params", 2, lambda lists: lists["params"][2].contiguous(memory_format=torch.channels_last)),
             ValueError, r"^backups\[2\] \(strides \[48, 16, 4, 1\]\) does not lay out its elements like params\[2\] "
                         r"\(strides \[48, 1, 12, 3\]\)"),
+        # the gradient-reuse ops and norms
+        Row("orthogonals length", restore_orthogonal, lambda lists: lists["orthogonals"].pop(), ValueError,
+            r"^orthogonals has 2 tensors but params has 3; the lists must have the same length$"),
+        Row("orthogonals shape", restore_orthogonal,
+            replaced("orthogonals", 1, lambda lists: torch.empty(4, 3, device=dev(lists))), ValueError,
+            r"^orthogonals\[1\] has shape \[4, 3\] but params\[1\] has shape \[3, 4\]; tensors at one index must "
+            r"have the same shape$"),
+        Row("orthogonals dtype, add_orthogonal_", add_orthogonal,
+            replaced("orthogonals", 0, lambda lists: lists["orthogonals"][0].half()), ValueError,
+            r"^orthogonals\[0\] has dtype torch.float16 but grads\[0\] has dtype torch.float32"),
+        Row("integer grads, add_orthogonal_", add_orthogonal,
+            each(*(replaced(name, 2, lambda lists, name=name: lists[name][2].long()) for name in ("grads", "orthogonals"))),
+            TypeError, r"^grads\[2\] has dtype torch.int64; " + SUPPORTED + "$"),
+        Row("integer tensors, norms", norms, replaced("grads", 1, lambda lists: lists["grads"][1].int()), TypeError,
+            r"^tensors\[1\] has dtype torch.int32; " + SUPPORTED + "$"),
+        Row("sparse tensor, norms", norms, replaced("grads", 0, lambda lists: lists["grads"][0].to_sparse()), TypeError,
+            r"^tensors\[0\] has layout torch.sparse_coo" + SPARSE + "$"),
+        Row("non-dense tensor, norms", norms, replaced("grads", 1, lambda lists: _strided_view(SIZES[1], dev(lists))),
+            ValueError, r"^tensors\[1\] \(shape \[3, 4\], strides \[8, 2\]" + NOT_DENSE + "$"),
+        Row("sparse grad, restore_orthogonal_", restore_orthogonal,
+            replaced("grads", 2, lambda lists: lists["grads"][2].to_sparse()), TypeError,
+            r"^grads\[2\] has layout torch.sparse_coo" + SPARSE + "$"),
+        Row("orthogonals layout", restore_orthogonal,
+            replaced("orthogonals", 2, lambda lists: lists["orthogonals"][2].contiguous(memory_format=torch.channels_last)),
+            ValueError, r"^orthogonals\[2\] \(strides \[48, 1, 12, 3\]\) does not lay out its elements like "
+                        r"params\[2\] \(strides \[48, 16, 4, 1\]\)"),
+        Row("orthogonals are grads", restore_orthogonal, replaced("orthogonals", 1, lambda lists: lists["grads"][1]),
+            ValueError, r"^grads\[1\] and orthogonals\[1\]" + SHARED + "$"),
+        Row("orthogonals inside a backup", restore_orthogonal,
+            replaced("orthogonals", 0, lambda lists: lists["backups"][2].view(-1)[:5]), ValueError,
+            r"^backups\[2\] and orthogonals\[0\]" + SHARED + "$"),
+        Row("grads are orthogonals, add_orthogonal_", add_orthogonal,
+            replaced("grads", 2, lambda lists: lists["orthogonals"][2]), ValueError,
+            r"^grads\[2\] and orthogonals\[2\]" + SHARED + "$"),
         # 4. memory overlap
         Row("backups are params", perturb, replaced("backups", 1, lambda lists: lists["params"][1]), ValueError,
             r"^params\[1\] and backups\[1\]" + SHARED + "$"),
@@ -267,9 +328,10 @@ def _bits(t):
 
 
 def _snapshot(lists):
-    # What the ops write: params, backups (reference keeps Δ there) and the momentum buffers.
+    # Every list: what the ops write (params, backups, where reference keeps Δ, momentum buffers, orthogonals, and
+    # the grads add_orthogonal_ writes) and what they only read.
     return {name: [_bits(t) if isinstance(t, torch.Tensor) and t.layout == torch.strided else None for t in tensors]
-            for name, tensors in lists.items() if name != "grads"}
+            for name, tensors in lists.items()}
 
 
 def _assert_unchanged(lists, before, what):
@@ -338,7 +400,9 @@ def test_the_table_covers_every_check():
     cuda_only = {row.name for row in CUDA_ROWS} - names
     assert {"device of a grad", "device of a param"} <= cuda_only
     assert all(any(row.message.startswith(rf"^{s}") for row in ROWS)
-               for s in ("epsilon", "inner_lr", "lr", "momentum", "dampening", "weight_decay"))
+               for s in ("epsilon", "inner_lr", "lr", "momentum", "dampening", "weight_decay", "alpha"))
+    ops = {row.call(make_lists())[0] for row in ROWS}
+    assert ops >= {"perturb_", "restore_", "restore_sgd_", "norms", "restore_orthogonal_", "add_orthogonal_"}
 
 
 # -- what the contract accepts ---------------------------------------------------------------------------------------
@@ -382,6 +446,13 @@ def _valid_cases(device="cpu"):
         ("empty lists", lambda lists: perturb({name: [] for name in lists}), lambda lists: None),
         ("eta=0.01", lambda lists: perturb(lists, eta=0.01), lambda lists: None),
         ("eta=0", lambda lists: perturb(lists, eta=0.0), lambda lists: None),
+        ("norms reads only", lambda lists: ("norms", (lists["grads"][:2] + [lists["grads"][0]],)), lambda lists: None),
+        ("restore_orthogonal_", restore_orthogonal, lambda lists: None),
+        ("restore_orthogonal_ channels_last", restore_orthogonal, channels_last_everywhere),
+        ("add_orthogonal_", add_orthogonal, lambda lists: None),
+        ("add_orthogonal_ with alpha 0", lambda lists: add_orthogonal(lists, alpha=0.0), lambda lists: None),
+        ("add_orthogonal_ reads orthogonals twice", add_orthogonal,
+         replaced("orthogonals", 0, lambda lists: lists["orthogonals"][1].view(-1)[:5])),
     ]
 
 

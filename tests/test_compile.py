@@ -153,6 +153,36 @@ def test_sam_modes_of_perturb_trace_into_a_graph_and_match_eager():
     assert max((p - t).abs().max().item() for p, t in zip(params, theta)) > 1e-3
 
 
+@needs_cpu_ops
+def test_gradient_reuse_ops_trace_into_a_graph_and_match_eager():
+    """norms, restore_orthogonal_ and add_orthogonal_ through their fake implementations: one graph holding all
+    three, and the compiled calls are the eager kernels' results bit for bit."""
+    theta, (grads1, grads2) = op_inputs()
+
+    def reuse(params, backups, orthogonals, grads):
+        functional.perturb_(params, grads1, backups, EPSILON, INNER_LR, True, True, backend="cpu")
+        functional.restore_orthogonal_(params, backups, grads2, orthogonals, False, backend="cpu")
+        functional.add_orthogonal_(grads, orthogonals, 0.7, True, backend="cpu")
+        return functional.norms(grads, backend="cpu")
+
+    def run(fn):
+        params, grads = [t.clone() for t in theta], [g.clone() for g in grads1]
+        backups, orthogonals = [torch.empty_like(t) for t in theta], [torch.empty_like(t) for t in theta]
+        norms = fn(params, backups, orthogonals, grads)
+        return params + orthogonals + grads + [norms]
+
+    counter = CompileCounterWithBackend("inductor")
+    compiled = run(torch.compile(reuse, backend=counter, fullgraph=True))
+    eager = run(reuse)
+    assert counter.frame_count == 1
+    targets = [node.target for node in counter.graphs[0].graph.nodes if node.op == "call_function"]
+    for op in (torch.ops.amp_fused.restore_orthogonal_, torch.ops.amp_fused.add_orthogonal_, torch.ops.amp_fused.norms):
+        assert targets.count(op) == 1, op
+    for c, e in zip(compiled, eager):
+        assert torch.equal(c, e)
+    assert max((g - g1).abs().max().item() for g, g1 in zip(compiled[10:15], grads1)) > 1e-2  # the ops ran
+
+
 @pytest.mark.parametrize("backend", FUSED)
 def test_compiled_model_trains_under_asam_like_the_eager_model(backend):
     def run(model):

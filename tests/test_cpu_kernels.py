@@ -1,8 +1,10 @@
 """What is specific to the C++ CPU kernels (backend "cpu", csrc/cpu): the build and how a broken one is
 reported, the chunk plan (64K-element chunks on torch's threads: millions of values, results bitwise identical
 for any thread count), every tail length of the vector loops, perturb_'s modes (SAM's sphere, ASAM's element
-weights) on those loops and threads against a float64 computation written here, the kernels' own argument checks,
-one dispatched op per call, tracing under torch.compile, and the optimizer on this backend.
+weights) on those loops and threads against a float64 computation written here, norms, restore_orthogonal_ and
+add_orthogonal_ there too (against op_definition, with the double redo of overflowing float sums and non-finite
+inputs that zero a coefficient), the kernels' own argument checks, one dispatched op per call, tracing under
+torch.compile, and the optimizer on this backend.
 
 What every backend promises (the op definitions, dtypes, chunk-boundary sizes, non-finite gradients, layouts,
 torch.optim.SGD, bit-exact restore) is tested once for all of them in tests/test_backend_contract.py, and the
@@ -24,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import amp_fused
 from amp_fused import _extension, backends, checks, functional
 from amp_fused.backends import cpu
+import op_definition
 from op_definition import (DTYPES, NORM_RTOL, UNIT, ascent_bounds, assert_bitwise_equal, assert_within, bound_norm,
                            clones, dtype_id, empty_like, make_lists, moved, norm_bounds, perturb, restore_sgd,
                            sgd_bounds)
@@ -614,3 +617,313 @@ def test_optimizer_cpu_backend_matches_foreach(norm, inner_iter):
     torch.testing.assert_close(p_cpu, p_fe, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(m_cpu, m_fe, rtol=1e-4, atol=1e-6)
     assert moved(p_cpu, initial) > 0.1
+
+
+# -- norms, restore_orthogonal_, add_orthogonal_ -------------------------------------------------------------------
+# The kernels against the float64 definitions (op_definition.norms, restore_orthogonal, add_orthogonal). The sums
+# are per chunk in the compute type (float for fp32/fp16/bf16, double for fp64), then in double; a chunk whose
+# compute-type sum is not finite is summed again in double (the wide redo).
+@pytest.fixture
+def cpu_kernels():
+    """The extension loaded (it loads on first use of amp_fused._extension; cpu.* calls torch.ops directly)."""
+    assert _extension.cpu_error is None, _extension.cpu_error
+
+
+def new_ops_norm_bounds(tensors, expected):
+    """|returned norm − ‖t‖| allowed: the sums' relative error and the fp32 result's rounding."""
+    rtols = [NORM_RTOL[t.dtype] + 8 * COMPUTE_UNIT[t.dtype] + 2.0**-23 for t in tensors]
+    per = [r * float(n) for r, n in zip(rtols, expected[:-1])]
+    return torch.tensor(per + [max(rtols, default=0.0) * float(expected[-1])], dtype=torch.float64)
+
+
+def orthogonal_bounds(expected, grads, per_tensor):
+    """|orthogonals − (g − c·Δ)| allowed per element: the store's rounding to the dtype (twice its unit), four
+    roundings in the compute type (Δ, c·Δ, g −, c itself) of |g| + |c·Δ|, and c's error times |Δ|: c = dot / ‖Δ‖²
+    from two sums, each off by its relative error R of the sum of its terms' magnitudes (Σ|Δ·g|, Σ Δ²). Zero where
+    c = 0 (orthogonals are g bit for bit there)."""
+    abs_dots = [float((d * g.double()).abs().sum()) for d, g in zip(expected.deltas, grads)]
+    squares = [float(d.square().sum()) for d in expected.deltas]
+    if not per_tensor:
+        abs_dots, squares = [math.fsum(abs_dots)] * len(grads), [math.fsum(squares)] * len(grads)
+    bounds = []
+    for g, d, c, abs_dot, square in zip(grads, expected.deltas, expected.coefficients, abs_dots, squares):
+        if c == 0.0:
+            bounds.append(torch.zeros(g.shape, dtype=torch.float64))
+            continue
+        rtol = NORM_RTOL[g.dtype] + 8 * COMPUTE_UNIT[g.dtype]
+        c_error = rtol * (abs_dot / square + abs(c))
+        terms = g.double().abs() + abs(c) * d.abs()
+        bounds.append((2 * UNIT[g.dtype] + 4 * COMPUTE_UNIT[g.dtype]) * terms + c_error * d.abs())
+    return bounds
+
+
+def direction_bounds(grads, orthogonals, coefficients):
+    """|grads − (g + coef·v)| allowed per element: the store's rounding (twice the dtype's unit), four roundings in
+    the compute type of |g| + |coef·v|, and coef's error (two norms, each off by its relative error) times
+    |coef·v|. Zero where coef = 0 (grads are left as they are)."""
+    bounds = []
+    for g, v, c in zip(grads, orthogonals, coefficients):
+        if c == 0.0:
+            bounds.append(torch.zeros(g.shape, dtype=torch.float64))
+            continue
+        moved_term = abs(c) * v.double().abs()
+        terms = g.double().abs() + moved_term
+        rtol = 2 * (NORM_RTOL[g.dtype] + 8 * COMPUTE_UNIT[g.dtype])
+        bounds.append((2 * UNIT[g.dtype] + 4 * COMPUTE_UNIT[g.dtype]) * terms + rtol * moved_term)
+    return bounds
+
+
+def lookahead_lists(shapes, dtypes, seed, scale=1.0):
+    """(θ, params = θ + Δ, grads) drawn in float64, then scaled by ``scale`` and rounded to each dtype; each g is
+    r + k·(‖r‖/‖Δ‖)·Δ with k = 3, −2, 0.5 in turn, a part along Δ larger or smaller than the rest, so that
+    g − c·Δ moves g far beyond rounding and c differs from tensor to tensor."""
+    if isinstance(dtypes, torch.dtype):
+        dtypes = [dtypes] * len(shapes)
+    gen = torch.Generator().manual_seed(seed)
+    theta, params, grads = [], [], []
+    for i, (shape, dtype) in enumerate(zip(shapes, dtypes)):
+        t = torch.randn(shape, generator=gen, dtype=torch.float64)
+        d = 0.1 * torch.randn(shape, generator=gen, dtype=torch.float64)
+        r = torch.randn(shape, generator=gen, dtype=torch.float64)
+        g = r + (3.0, -2.0, 0.5)[i % 3] * (float(r.norm()) / max(float(d.norm()), 1e-300)) * d
+        theta.append((scale * t).to(dtype))
+        params.append((scale * (t + d)).to(dtype))
+        grads.append((scale * g).to(dtype))
+    return theta, params, grads
+
+
+def check_norms(tensors):
+    """One norms call on the cpu backend against the definition; returns the norms."""
+    got = cpu.norms(tensors)
+    expected = op_definition.norms(tensors)
+    assert got.dtype == torch.float32 and got.shape == (len(tensors) + 1,)
+    assert_within([got], [expected], [new_ops_norm_bounds(tensors, expected)], "norms")
+    return got
+
+
+def check_restore_orthogonal(theta, params, grads, per_tensor):
+    """One restore_orthogonal_ on the cpu backend against the definition (params end as θ, bit for bit;
+    orthogonals g bit for bit where c = 0); returns (orthogonals, the definition, the bounds)."""
+    expected = op_definition.restore_orthogonal(params, theta, grads, per_tensor)
+    p = clones(params)
+    orthogonals = [torch.full_like(t, math.nan) for t in theta]
+    cpu.restore_orthogonal_(p, theta, grads, orthogonals, per_tensor)
+    assert_bitwise_equal(p, theta, "param")
+    bounds = orthogonal_bounds(expected, grads, per_tensor)
+    for o, g, e, b, c in zip(orthogonals, grads, expected.orthogonals, bounds, expected.coefficients):
+        if c == 0.0:
+            assert_bitwise_equal([o], [g], "orthogonal (c = 0)")
+        else:
+            assert_within([o], [e], [b], "orthogonal")
+    return orthogonals, expected, bounds
+
+
+def check_add_orthogonal(grads, orthogonals, alpha, per_tensor):
+    """One add_orthogonal_ on the cpu backend against the definition (grads bitwise unchanged where coef = 0);
+    returns (the new grads, the coefficients, the bounds)."""
+    coefficients = op_definition.direction_coefficients(grads, orthogonals, alpha, per_tensor)
+    expected = op_definition.add_orthogonal(grads, orthogonals, alpha, per_tensor)
+    g = clones(grads)
+    cpu.add_orthogonal_(g, orthogonals, alpha, per_tensor)
+    bounds = direction_bounds(grads, orthogonals, coefficients)
+    for new, old, e, b, c in zip(g, grads, expected, bounds, coefficients):
+        if c == 0.0:
+            assert_bitwise_equal([new], [old], "grad (coef = 0)")
+        else:
+            assert_within([new], [e], [b], "grad")
+    return g, coefficients, bounds
+
+
+NEW_OPS_SHAPES = ([(n,) for n in range(1, 41)] + [(CHUNK + n,) for n in (-1, 0, 1)] + [(3 * CHUNK + 17,), (), (0,),
+                                                                                          (7, 5, 3)])
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+@pytest.mark.parametrize("per_tensor", [True, False], ids=["per_tensor", "global"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_new_ops_every_tail_and_chunk_boundary(dtype, per_tensor):
+    """norms, restore_orthogonal_ and add_orthogonal_ (its v the orthogonals just formed) through the vector loops:
+    every tail length 1 to 40, chunk edges, a tensor of a few chunks, a 0-d and an empty tensor."""
+    theta, params, grads = lookahead_lists(NEW_OPS_SHAPES, dtype, seed=50)
+    check_norms(grads)
+    check_norms(params)
+    orthogonals, expected, bounds = check_restore_orthogonal(theta, params, grads, per_tensor)
+    assert moved(orthogonals, grads) > 10 * bound_norm(bounds)
+    nonzero = [c for c in expected.coefficients if c != 0.0]
+    assert len(nonzero) >= len(NEW_OPS_SHAPES) - 1  # (the empty tensor's Δ is 0)
+    if per_tensor:
+        assert len(set(nonzero)) > 3
+    else:
+        assert len(set(nonzero)) == 1
+    new_grads, coefficients, direction = check_add_orthogonal(grads, orthogonals, 0.7, per_tensor)
+    assert moved(new_grads, grads) > 10 * bound_norm(direction)
+    # (a 1-element g is parallel to its Δ: its orthogonal is a rounding residue, or 0 and then coef = 0)
+    assert sum(c != 0.0 for c in coefficients) >= len(NEW_OPS_SHAPES) - 6
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+def test_new_ops_bitwise_identical_across_runs_and_thread_counts(restore_threads):
+    """Tensors of many chunks on torch's threads (mixed dtypes): bitwise the same for 1 and 2 threads and across
+    runs, and right."""
+    shapes = [(5 * CHUNK + 123,), (1_500_000,), (3, CHUNK + 7), (11,), ()]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float32]
+    theta, params, grads = lookahead_lists(shapes, dtypes, seed=51)
+    for per_tensor in (True, False):
+        runs = []
+        for threads in (1, 2, 1, 2):
+            torch.set_num_threads(threads)
+            norms = cpu.norms(grads)
+            p, o = clones(params), empty_like(params)
+            cpu.restore_orthogonal_(p, theta, grads, o, per_tensor)
+            g = clones(grads)
+            cpu.add_orthogonal_(g, o, 0.5, per_tensor)
+            runs.append([norms] + p + o + g)
+        for run in runs[1:]:
+            assert_bitwise_equal(run, runs[0])
+        assert_bitwise_equal(runs[0][1:1 + len(shapes)], theta, "param")
+        orthogonals, _, bounds = check_restore_orthogonal(theta, params, grads, per_tensor)
+        assert_bitwise_equal(orthogonals, runs[0][1 + len(shapes):1 + 2 * len(shapes)])
+        assert moved(orthogonals, grads) > 10 * bound_norm(bounds)
+        new_grads, _, direction = check_add_orthogonal(grads, orthogonals, 0.5, per_tensor)
+        assert_bitwise_equal(new_grads, runs[0][1 + 2 * len(shapes):])
+        assert moved(new_grads, grads) > 10 * bound_norm(direction)
+    check_norms(grads)
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_new_ops_sums_that_overflow_the_compute_type(dtype):
+    """Values ~1e30 (fp32, bf16: their squares and products overflow the float sums, their norms do not): the chunks
+    are summed again in double, so norms, c and coef come out finite and right. The tensors' other chunks, and the
+    small tensors, are of order 1, so the redo is per chunk."""
+    shapes = [(2 * CHUNK + 5,), (37,), (3, 4)]
+    theta, params, grads = lookahead_lists(shapes, dtype, seed=52)
+    theta_big, params_big, grads_big = lookahead_lists(shapes, dtype, seed=53, scale=1e30)
+    for small, big in ((theta, theta_big), (params, params_big), (grads, grads_big)):
+        small[0][CHUNK:] = big[0][CHUNK:]  # chunks 1 and 2 of tensor 0
+        small[1].copy_(big[1])
+    assert not math.isfinite(float((grads[0].float() ** 2).sum()))
+    got = check_norms(grads)
+    assert got[0].item() > 1e32 and torch.isfinite(got).all()
+    for per_tensor in (True, False):
+        orthogonals, expected, bounds = check_restore_orthogonal(theta, params, grads, per_tensor)
+        assert all(c != 0.0 for c in expected.coefficients)
+        assert moved(orthogonals, grads) > 10 * bound_norm(bounds)
+        assert torch.isfinite(torch.cat([o.float().flatten() for o in orthogonals])).all()
+        v = [0.01 * o for o in orthogonals]
+        new_grads, coefficients, direction = check_add_orthogonal(grads, v, 0.5, per_tensor)
+        assert all(c != 0.0 for c in coefficients)
+        assert moved(new_grads, grads) > 10 * bound_norm(direction)
+
+
+# Signalling NaNs with a payload: a round trip through the compute type would quiet them (change their bits).
+SIGNALLING_NAN = {torch.float32: 0x7F812345, torch.float64: 0x7FF0000012345678, torch.float16: 0x7C15,
+                  torch.bfloat16: 0x7F85}
+
+
+def put_bad(t, index, bad):
+    """t.flatten()[index] = bad: math.inf, or "nan" (a signalling NaN with a payload)."""
+    if bad == "nan":
+        op_definition.bits(t).view(-1)[index] = SIGNALLING_NAN[t.dtype]
+    else:
+        t.view(-1)[index] = bad
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_restore_orthogonal_non_finite_or_zero_delta(dtype):
+    """A NaN or Inf in g, or a NaN in params (Δ NaN), of tensor 0 makes its c 0 (per tensor) or every c 0 (global):
+    orthogonals are g bit for bit there, the NaN's bits kept; a tensor with Δ = 0 has c = 0 per tensor. params end
+    as θ bit for bit in every case."""
+    shapes = [(CHUNK + 5,), (37,), (3, 4)]
+    for bad, where in (("nan", "grad"), (math.inf, "grad"), ("nan", "param"), (None, "zero_delta")):
+        theta, params, grads = lookahead_lists(shapes, dtype, seed=54)
+        if where == "grad":
+            put_bad(grads[0], CHUNK + 2, bad)
+        elif where == "param":
+            put_bad(params[0], 3, bad)
+        else:
+            params[0].copy_(theta[0])
+        for per_tensor in (True, False):
+            orthogonals, expected, bounds = check_restore_orthogonal(theta, params, grads, per_tensor)
+            if per_tensor or where != "zero_delta":  # (global, Δ = 0: g − c·0, within bounds of g)
+                assert expected.coefficients[0] == 0.0
+                assert_bitwise_equal(orthogonals[:1], grads[:1], "orthogonal")
+            if per_tensor or where == "zero_delta":  # the others are formed
+                assert all(c != 0.0 for c in expected.coefficients[1:])
+                assert moved(orthogonals[1:], grads[1:]) > 10 * bound_norm(bounds[1:])
+            else:
+                assert expected.coefficients == [0.0] * len(shapes)
+                assert_bitwise_equal(orthogonals, grads, "orthogonal")
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_add_orthogonal_non_finite_or_zero_direction(dtype):
+    """A NaN or Inf in v (or in g) of tensor 0 makes its coef 0 (per tensor) or every coef 0 (global): those grads
+    are left bit for bit (a NaN in g kept for GradScaler, its bits too); v = 0 for tensor 0 gives coef 0 per tensor."""
+    shapes = [(CHUNK + 5,), (37,), (3, 4)]
+    for bad, where in (("nan", "v"), (math.inf, "v"), (-math.inf, "v"), ("nan", "grad"), (None, "zero_v")):
+        _, grads, v = lookahead_lists(shapes, dtype, seed=55)
+        if where == "v":
+            put_bad(v[0], CHUNK + 2, bad)
+        elif where == "grad":
+            put_bad(grads[0], 7, bad)
+        else:
+            v[0].zero_()
+        for per_tensor in (True, False):
+            new_grads, coefficients, bounds = check_add_orthogonal(grads, v, 0.7, per_tensor)
+            assert coefficients[0] == 0.0 or (where == "zero_v" and not per_tensor)
+            if per_tensor or where == "zero_v":
+                assert all(c != 0.0 for c in coefficients[1:])
+                assert moved(new_grads[1:], grads[1:]) > 10 * bound_norm(bounds[1:])
+            else:
+                assert coefficients == [0.0] * len(shapes)
+                assert_bitwise_equal(new_grads, grads, "grad")
+    # alpha = 0: every coef 0, grads as they are
+    _, grads, v = lookahead_lists(shapes, dtype, seed=56)
+    check_add_orthogonal(grads, v, 0.0, True)
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+def test_new_ops_one_dispatched_op_per_call():
+    shapes = [(int(n),) for n in torch.randint(1000, 5000, (300,), generator=torch.Generator().manual_seed(0))]
+    theta, params, grads = lookahead_lists(shapes, torch.float32, seed=57)
+    orthogonals = empty_like(params)
+    with _Ops() as mode:
+        cpu.norms(grads)
+        cpu.restore_orthogonal_(params, theta, grads, orthogonals, True)
+        cpu.add_orthogonal_(grads, orthogonals, 0.5, False)
+    assert mode.calls == [torch.ops.amp_fused.norms.default, torch.ops.amp_fused.restore_orthogonal_.default,
+                          torch.ops.amp_fused.add_orthogonal_.default]
+
+
+@pytest.mark.usefixtures("cpu_kernels")
+def test_new_ops_bad_input_raises_before_writing():
+    """The kernels' own checks (csrc/checks.h, straight through torch.ops), then the CPU check, before anything is
+    written."""
+    theta, params, grads = lookahead_lists([(CHUNK + 2,)] * 3, torch.float32, seed=58)
+    orthogonals = empty_like(params)
+    snapshot = clones(params + orthogonals + grads)
+    ops = torch.ops.amp_fused
+    with pytest.raises(ValueError, match=r"^amp_fused\.restore_orthogonal_: orthogonals\[2\] has shape"):
+        ops.restore_orthogonal_(params, theta, grads, orthogonals[:2] + [torch.empty(3)], True)
+    with pytest.raises(ValueError, match=r"restore_orthogonal_: grads\[1\] and orthogonals\[1\] share memory"):
+        ops.restore_orthogonal_(params, theta, grads, [orthogonals[0], grads[1], orthogonals[2]], True)
+    with pytest.raises(ValueError, match=r"^amp_fused\.add_orthogonal_: alpha must be a finite number >= 0, got nan"):
+        ops.add_orthogonal_(grads, orthogonals, math.nan, True)
+    with pytest.raises(ValueError, match=r"^amp_fused\.add_orthogonal_: orthogonals has 2 tensors but grads has 3"):
+        ops.add_orthogonal_(grads, orthogonals[:2], 0.5, True)
+    with pytest.raises(TypeError, match=r"^amp_fused\.norms: tensors\[1\] has dtype torch.int64"):
+        ops.norms([grads[0], grads[1].long()])
+    assert_bitwise_equal(params + orthogonals + grads, snapshot)
+    cpu_key = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    meta = [torch.empty(3, device="meta")]
+    with pytest.raises(ValueError, match=r"^amp_fused\.norms: tensors\[0\] is on meta, but these are the CPU kernels"):
+        ops.norms.default.redispatch(cpu_key, meta)
+    with pytest.raises(ValueError, match=r"restore_orthogonal_: params\[0\] is on meta, but these are the CPU"):
+        ops.restore_orthogonal_.default.redispatch(cpu_key, meta, [torch.empty(3, device="meta")],
+                                                   [torch.empty(3, device="meta")], [torch.empty(3, device="meta")],
+                                                   True)
+    with pytest.raises(ValueError, match=r"add_orthogonal_: grads\[0\] is on meta, but these are the CPU kernels"):
+        ops.add_orthogonal_.default.redispatch(cpu_key, meta, [torch.empty(3, device="meta")], 0.5, True)

@@ -5,6 +5,9 @@ tensors and chunks carry over between launches, read from the launcher's publish
 2^31 elements, results bitwise independent of (partial) alignment, overlapping tensors rejected before anything
 is written, no host syncs (also under CUDA graph capture), the current stream, the tensors' device (cuda:1: a
 skip that says why where there is one GPU), the kernels' own check of nesterov, and the AMP optimizer end to end.
+The gradient-reuse ops (norms, restore_orthogonal_, add_orthogonal_: two fp64 sums per chunk and per tensor, a
+coefficient per tensor) against the float64 definition on the same geometry, over many launches, bitwise
+deterministic, with NaN/Inf/zero sums leaving their outputs bit for bit, and without host syncs.
 
 What every backend promises is tested once for all of them, CUDA tensors included (marked ``cuda``), in
 tests/test_backend_contract.py; the argument contract, natively on the CUDA kernels too, in tests/test_checks.py.
@@ -29,13 +32,14 @@ import op_definition
 from amp_fused import _build, _extension, backends, functional
 from amp_fused.backends import cuda as fused
 from amp_fused.backends import foreach
-from op_definition import (DTYPES, ascent_bounds, assert_bitwise_equal, assert_within, bits, bound_norm, clones,
-                           dtype_id, empty_like, epsilon_for, moved, norm_bounds, perturb, sgd_bounds)
+from op_definition import (DTYPES, ULPS, UNIT, ascent_bounds, assert_bitwise_equal, assert_within, bits, bound_norm,
+                           clones, dtype_id, empty_like, epsilon_for, moved, norm_bounds, perturb, sgd_bounds)
 
 HAS_GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device; none is visible")
 DEVICE = torch.device("cuda")
-OPS = ("perturb_", "restore_", "restore_sgd_")
+OPS = ("perturb_", "restore_", "restore_sgd_", "norms", "restore_orthogonal_", "add_orthogonal_")
+WRITING_OPS = tuple(op for op in OPS if op != "norms")  # norms reads only: no overlap can fail it
 
 
 def cuda_extension():
@@ -168,6 +172,10 @@ def test_empty_lists_need_no_extension():
     assert norms.dtype == torch.float32 and norms.tolist() == [0.0]
     fused.restore_([], [])
     fused.restore_sgd_([], [], [], [], 0.1, 0.9, 0.0, 0.0, False, False, True)
+    norms = fused.norms([])
+    assert norms.dtype == torch.float32 and norms.tolist() == [0.0]
+    fused.restore_orthogonal_([], [], [], [], True)
+    fused.add_orthogonal_([], [], 0.5, False)
 
 
 # -- launch geometry -------------------------------------------------------------------------------------------
@@ -522,10 +530,11 @@ def test_partial_alignment_is_bitwise_equal_to_an_aligned_run(cuda_backend, laun
 
 @needs_gpu
 @pytest.mark.cuda
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", WRITING_OPS)
 def test_overlapping_tensors_in_one_list_are_rejected_before_anything_is_written(cuda_backend, launch_limits, op):
-    """Two tensors of params sharing memory, late in a list long enough for several launches: the contract's
-    ValueError (csrc/checks.h), raised before any kernel writes, through torch.ops and the op layer."""
+    """Two tensors of the op's first list (params; grads for add_orthogonal_) sharing memory, late in a list long
+    enough for several launches: the contract's ValueError (csrc/checks.h), raised before any kernel writes,
+    through torch.ops and the op layer."""
     count = max(launch_limits["max_tensors"].values()) + 5
     params, grads = make_lists([(1000 + i,) for i in range(count)], torch.float32, seed=38)
     shared = torch.randn(4000, device=DEVICE)
@@ -533,12 +542,15 @@ def test_overlapping_tensors_in_one_list_are_rejected_before_anything_is_written
     backups, buffers = empty_like(params), [torch.ones_like(p) for p in params]
     args = {"perturb_": (params, grads, backups, 1.0, 0.5, True, True),
             "restore_": (params, backups),
-            "restore_sgd_": (params, backups, grads, buffers, 0.1, 0.9, 0.0, 0.0, False, False, False)}[op]
+            "restore_sgd_": (params, backups, grads, buffers, 0.1, 0.9, 0.0, 0.0, False, False, False),
+            "restore_orthogonal_": (params, backups, grads, buffers, True),
+            "add_orthogonal_": (params, buffers, 0.5, True)}[op]
+    lead = "grads" if op == "add_orthogonal_" else "params"
     written = params + backups + buffers + [shared]
     torch.cuda.synchronize()
     before = [bits(t).clone() for t in written]
-    message = (rf"^amp_fused\.{op}: params\[{count - 2}\] and params\[{count - 1}\] share memory; each tensor the "
-               r"op writes must have memory of its own$")
+    message = (rf"^amp_fused\.{op}: {lead}\[{count - 2}\] and {lead}\[{count - 1}\] share memory; each tensor "
+               r"the op writes must have memory of its own$")
     with pytest.raises(ValueError, match=message):
         getattr(torch.ops.amp_fused, op)(*args)
     with pytest.raises(ValueError, match=message.replace(r"^amp_fused\." + op + ": ", "")):
@@ -737,6 +749,308 @@ def test_runs_on_the_tensors_device_not_the_current_one(cuda_backend):
         norms = cuda_backend.perturb_(params, grads, backups, 5.0, 1.0, False, True)
     assert norms.device == device
     assert_within(params, expected.params, ascent_bounds(expected, torch.float32, False))
+
+
+# -- the gradient-reuse ops: norms, restore_orthogonal_, add_orthogonal_ ---------------------------------------
+# Their norm passes keep each product and every sum in fp64 and the coefficients in fp64 until the apply pass, so
+# what a result may be off by is the apply pass's rounding: ULPS roundings of its terms (op_definition.ULPS), plus
+# the error the coefficient inherits from Δ = params − θ formed in opmath (restore_orthogonal_).
+NORMS_RTOL = 2.0**-22  # the fp32 result of an fp64 sum of exact squares
+# Relative error of an fp64 sum of up to ~1e9 terms as the kernels add them (chains of at most a few hundred adds
+# and fixed trees), against Σ|term|: what the coefficients of fp64 tensors inherit beyond Δ's rounding.
+SUM_RTOL = 2.0**-40
+
+
+def norms_bound(expected):
+    return NORMS_RTOL * expected.abs()
+
+
+def check_norms(tensors):
+    """One norms on the cuda backend against the definition."""
+    norms = functional.norms(tensors, backend="cuda")
+    expected = op_definition.norms(tensors)
+    assert norms.dtype == torch.float32 and norms.shape == (len(tensors) + 1,)
+    assert norms.device == tensors[0].device
+    assert_within([norms], [expected], [norms_bound(expected)], "norms")
+    return norms
+
+
+def coefficient_error(terms, dots, dtypes, per_tensor):
+    """Relative error each tensor's c = ⟨Δ,g⟩/‖Δ‖² may have: Δ is formed in opmath from the stored values (ULPS
+    roundings of each |Δ|), which moves the dot by up to that much of Σ|Δ·g| and ‖Δ‖² by twice that much; the fp64
+    sums add SUM_RTOL of the same."""
+    units = [ULPS * UNIT[d] + SUM_RTOL for d in dtypes]
+    if per_tensor:
+        return [u * (t / abs(d) + 2) if d else 0.0 for u, t, d in zip(units, terms, dots)]
+    total, dot = math.fsum(terms), math.fsum(dots)
+    return [max(units) * (total / abs(dot) + 2) if dot else 0.0] * len(terms)
+
+
+def check_restore_orthogonal(params, backups, grads, per_tensor, orthogonals=None):
+    """One restore_orthogonal_ on the cuda backend against the definition: orthogonals within the bounds, params
+    θ bit for bit; returns (orthogonals, bounds, expected)."""
+    dtypes = [p.dtype for p in params]
+    before = clones(params)
+    if orthogonals is None:
+        orthogonals = [torch.full_like(g, math.nan) for g in grads]  # a chunk the kernel skips would show
+    functional.restore_orthogonal_(params, backups, grads, orthogonals, per_tensor, backend="cuda")
+    expected = op_definition.restore_orthogonal(before, backups, grads, per_tensor)
+    assert_bitwise_equal(params, backups, "param after restore_orthogonal_")
+    wide = [g.double() for g in grads]
+    terms = [float((d * g).abs().sum()) for d, g in zip(expected.deltas, wide)]
+    dots = [float((d * g).sum()) for d, g in zip(expected.deltas, wide)]
+    errors = coefficient_error(terms, dots, dtypes, per_tensor)
+    bounds = []
+    for g, d, c, e, dtype in zip(wide, expected.deltas, expected.coefficients, errors, dtypes):
+        moved_term = abs(c) * d.abs()
+        bounds.append(ULPS * UNIT[dtype] * (g.abs() + moved_term) + e * moved_term)
+    assert_within(orthogonals, expected.orthogonals, bounds, "orthogonal")
+    return orthogonals, bounds, expected
+
+
+def check_add_orthogonal(grads, orthogonals, alpha, per_tensor):
+    """One add_orthogonal_ on the cuda backend against the definition; returns (bounds, grads before)."""
+    before = clones(grads)
+    functional.add_orthogonal_(grads, orthogonals, alpha, per_tensor, backend="cuda")
+    expected = op_definition.add_orthogonal(before, orthogonals, alpha, per_tensor)
+    coefficients = op_definition.direction_coefficients(before, orthogonals, alpha, per_tensor)
+    # (the coefficient: fp64 norms, off by SUM_RTOL at most; then rounded to opmath with the move)
+    bounds = [(ULPS * UNIT[g.dtype] + SUM_RTOL) * abs(c) * v.double().abs() + ULPS * UNIT[g.dtype] * g.double().abs()
+              for g, v, c in zip(before, orthogonals, coefficients)]
+    assert_within(grads, expected, bounds, "grad after add_orthogonal_")
+    return bounds, before
+
+
+def reuse_lists(shapes, dtypes, seed):
+    """(params, backups, grads) of a LookSAM reuse step: θ of order 1, Δ = params − θ of order 0.3 and a gradient
+    with a component 3·Δ along it (c ≈ 3), all rounded to each dtype."""
+    theta, noise = make_lists(shapes, dtypes, seed, param_scale=1.0)
+    step = make_lists(shapes, dtypes, seed + 1, param_scale=0.3)[0]
+    params = [(t.double() + s.double()).to(t.dtype) for t, s in zip(theta, step)]
+    grads = [(n.double() + 3.0 * (p.double() - t.double())).to(t.dtype) for n, p, t in zip(noise, params, theta)]
+    return params, theta, grads
+
+
+def nan_with_payload(dtype):
+    """A NaN whose bits a conversion to fp32 and back would not keep (a payload; fp16/bf16: signalling)."""
+    integer = {8: torch.int64, 4: torch.int32, 2: torch.int16}[dtype.itemsize]
+    pattern = {torch.float64: 0x7FF8DEAD0000BEEF, torch.float32: 0x7FC0BEEF, torch.float16: 0x7C0F,
+               torch.bfloat16: 0x7F8F}[dtype]
+    value = torch.tensor([pattern], dtype=integer).view(dtype)
+    assert value.isnan().all()
+    return value.to(DEVICE)
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_norms_on_vector_groups_and_chunks(cuda_backend, dtype):
+    """Every remainder of the vector groups, chunk edges, 0-d and empty tensors and a tensor of 32 blocks; values
+    whose squares overflow fp32 (fp32 and bf16 only: each square is taken in fp64) stay finite."""
+    tensors = make_lists(EDGE_SHAPES, dtype, seed=60)[1]
+    check_norms(tensors)
+    if dtype in (torch.float32, torch.bfloat16):
+        big = [(t.double() * 1e30).to(dtype) for t in tensors]
+        norms = check_norms(big)
+        assert norms[-1].item() > 1e30 and math.isfinite(norms[-1].item())
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("per_tensor", [True, False], ids=["per_tensor", "global"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_restore_orthogonal_on_vector_groups_and_chunks(cuda_backend, dtype, per_tensor):
+    """orthogonals ← g − c·Δ on every remainder of the vector groups, chunk edges, 0-d and empty tensors and a
+    tensor of 32 blocks (the apply pass: four lists), params ← θ bit for bit; the removed part c·Δ is far larger
+    than the error allowed, and what is left is orthogonal to Δ."""
+    params, theta, grads = reuse_lists(EDGE_SHAPES, dtype, seed=61)
+    orthogonals, bounds, expected = check_restore_orthogonal(params, clones(theta), grads, per_tensor)
+    assert moved(orthogonals, grads) > 10 * bound_norm(bounds)
+    if per_tensor:
+        assert all(c != 0.0 for c, g in zip(expected.coefficients, grads) if g.numel() > 8)
+    else:
+        dot = math.fsum(float((d * o.double()).sum()) for d, o in zip(expected.deltas, orthogonals))
+        scale = math.fsum(float((d * g.double()).abs().sum()) for d, g in zip(expected.deltas, grads))
+        assert abs(dot) < 1e-2 * scale
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("per_tensor", [True, False], ids=["per_tensor", "global"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_add_orthogonal_on_vector_groups_and_chunks(cuda_backend, dtype, per_tensor):
+    """grads ← g + α·(‖g‖/‖v‖)·v on every remainder of the vector groups, chunk edges, 0-d and empty tensors (0
+    elements: coef 0/0, not finite, so nothing is added) and a tensor of 32 blocks."""
+    orthogonals, grads = make_lists(EDGE_SHAPES, dtype, seed=62, param_scale=0.3)
+    bounds, before = check_add_orthogonal(grads, orthogonals, 0.7, per_tensor)
+    assert moved(grads, before) > 10 * bound_norm(bounds)
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_gradient_reuse_over_many_launches(cuda_backend, launch_limits):
+    """More tensors than a table holds at any depth (the apply pass of restore_orthogonal_: depth 4) and than one
+    launch of the per-tensor sums covers, mixed dtypes (one group per dtype), and a tensor whose chunks straddle
+    two launches; per tensor and global."""
+    chunk, max_blocks = launch_limits["chunk"], launch_limits["max_blocks"]
+    count = max(max(launch_limits["max_tensors"].values()) + 40, launch_limits["sum_tensors"] + 7)
+    gen = torch.Generator().manual_seed(63)
+    shapes = [(int(torch.randint(1, 3 * chunk // 2, (1,), generator=gen)),) for _ in range(count)]
+    shapes[count // 3] = ((max_blocks + 3) * chunk + 5,)
+    dtypes = [{3: torch.bfloat16, 4: torch.float16, 5: torch.float64}.get(i % 6, torch.float32) for i in range(count)]
+    assert count > launch_limits["sum_tensors"] and -(-shapes[count // 3][0] // chunk) > max_blocks
+    params, theta, grads = reuse_lists(shapes, dtypes, seed=64)
+    check_norms(grads)
+    for per_tensor in (True, False):
+        p = clones(params)
+        orthogonals, bounds, _ = check_restore_orthogonal(p, clones(theta), grads, per_tensor)
+        assert moved(orthogonals, grads) > 10 * bound_norm(bounds)
+        g = clones(grads)
+        bounds, before = check_add_orthogonal(g, orthogonals, 0.5, per_tensor)
+        assert moved(g, before) > 10 * bound_norm(bounds)
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_id)
+def test_gradient_reuse_bitwise_deterministic_and_alignment_independent(cuda_backend, dtype):
+    """norms, restore_orthogonal_ and add_orthogonal_ repeated, and on storage one element off alignment (scalar
+    instead of vector accesses): bitwise the same results."""
+    shapes = [(5 * CHUNK + 7,), (CHUNK,), (123,), (2_000_003,)]
+    params, theta, grads = reuse_lists(shapes, dtype, seed=65)
+    for per_tensor in (True, False):
+        runs = []
+        for layout in (clones, clones, lambda ts: [unaligned_copy(t) for t in ts]):
+            p, b, g = layout(params), layout(theta), layout(grads)
+            o = layout([torch.empty_like(t) for t in grads])
+            norms = cuda_backend.norms(g)
+            cuda_backend.restore_orthogonal_(p, b, g, o, per_tensor)
+            cuda_backend.add_orthogonal_(g, o, 0.5, per_tensor)
+            runs.append([norms] + p + o + g)
+        for other in runs[1:]:
+            assert_bitwise_equal(other, runs[0])
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_restore_orthogonal_leaves_g_bitwise_where_c_is_zero(cuda_backend, dtype):
+    """c = 0, and orthogonals are g bit for bit (a NaN payload included): a NaN in g (that tensor per tensor, every
+    tensor global), an Inf in Δ (‖Δ‖² Inf: c not finite), Δ = 0; params are θ bit for bit every time."""
+    shapes = [(CHUNK + 5,), (37,), (3, 4)]
+    params, theta, grads = reuse_lists(shapes, dtype, seed=66)
+    grads[0].view(-1)[CHUNK + 2:CHUNK + 3] = nan_with_payload(dtype)
+    for per_tensor in (True, False):
+        p, o = clones(params), [torch.zeros_like(g) for g in grads]
+        cuda_backend.restore_orthogonal_(p, theta, grads, o, per_tensor)
+        assert_bitwise_equal(p, theta, "param")
+        kept = 1 if per_tensor else len(grads)
+        assert_bitwise_equal(o[:kept], grads[:kept], "orthogonal")
+        if per_tensor:
+            assert moved(o[1:], grads[1:]) > 0.1
+    params, theta, grads = reuse_lists(shapes, dtype, seed=67)
+    params[1].view(-1)[5] = math.inf
+    p, o = clones(params), [torch.zeros_like(g) for g in grads]
+    cuda_backend.restore_orthogonal_(p, theta, grads, o, True)
+    assert_bitwise_equal(p, theta, "param")
+    assert_bitwise_equal(o[1:2], grads[1:2], "orthogonal")
+    assert moved(o[:1], grads[:1]) > 0.1
+    for per_tensor in (True, False):  # Δ = 0 everywhere
+        p, o = clones(theta), [torch.zeros_like(g) for g in grads]
+        cuda_backend.restore_orthogonal_(p, theta, grads, o, per_tensor)
+        assert_bitwise_equal(p + o, theta + grads)
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_add_orthogonal_leaves_grads_bitwise_where_coef_is_zero(cuda_backend, dtype):
+    """coef = 0 or not finite, and grads stay bit for bit: a NaN or an Inf in v (that tensor per tensor, every
+    tensor global), v = 0, α = 0, and a NaN in g (kept for GradScaler to see)."""
+    shapes = [(CHUNK + 5,), (37,), (3, 4)]
+    orthogonals, grads = make_lists(shapes, dtype, seed=68, param_scale=0.3)
+    for bad in (math.nan, math.inf, -math.inf):
+        v = clones(orthogonals)
+        v[0].view(-1)[CHUNK + 1] = bad
+        for per_tensor in (True, False):
+            g = clones(grads)
+            cuda_backend.add_orthogonal_(g, v, 0.5, per_tensor)
+            kept = 1 if per_tensor else len(grads)
+            assert_bitwise_equal(g[:kept], grads[:kept], "grad")
+            if per_tensor:
+                assert moved(g[1:], grads[1:]) > 0.1
+    zeros = [torch.zeros_like(v) for v in orthogonals]
+    for v, alpha in ((zeros, 0.5), (orthogonals, 0.0)):
+        for per_tensor in (True, False):
+            g = clones(grads)
+            cuda_backend.add_orthogonal_(g, v, alpha, per_tensor)
+            assert_bitwise_equal(g, grads, "grad")
+    g = clones(grads)
+    g[2].view(-1)[3:4] = nan_with_payload(dtype)
+    saved = clones(g)
+    cuda_backend.add_orthogonal_(g, orthogonals, 0.5, True)
+    assert_bitwise_equal(g[2:], saved[2:], "grad")
+    assert moved(g[:2], saved[:2]) > 0.1
+    saved = clones(g)
+    cuda_backend.add_orthogonal_(g, orthogonals, 0.5, False)  # ‖g‖ over all tensors is NaN
+    assert_bitwise_equal(g, saved, "grad")
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_gradient_reuse_without_host_sync_and_op_count_independent_of_tensor_count(cuda_backend):
+    counts = {}
+    for count in (1, 20, 300):
+        params, theta, grads = reuse_lists([(1000 + i,) for i in range(count)], torch.float32, seed=count)
+        orthogonals = [torch.empty_like(g) for g in grads]
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any synchronising CUDA call raises
+        try:
+            with OpLog() as log:
+                cuda_backend.norms(grads)
+                cuda_backend.restore_orthogonal_(params, theta, grads, orthogonals, True)
+                cuda_backend.restore_orthogonal_(params, theta, grads, orthogonals, False)
+                cuda_backend.add_orthogonal_(grads, orthogonals, 0.5, True)
+                cuda_backend.add_orthogonal_(grads, orthogonals, 0.5, False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert not any("_local_scalar_dense" in op for op in log.ops), log.ops
+        counts[count] = log.ops
+    assert counts[1] == counts[20] == counts[300], counts
+    assert len(counts[300]) == 5  # one dispatched op per call
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_gradient_reuse_capturable_in_a_cuda_graph(cuda_backend):
+    """The three ops replay from a CUDA graph: bitwise what eager calls give on the new values."""
+    shapes = [(CHUNK + 3,), (77,), (3, 5)]
+    params, theta, grads = reuse_lists(shapes, torch.float32, seed=69)
+    orthogonals = [torch.empty_like(g) for g in grads]
+
+    def reuse(p, b, g, o):
+        norms = cuda_backend.norms(g)
+        cuda_backend.restore_orthogonal_(p, b, g, o, True)
+        cuda_backend.add_orthogonal_(g, o, 0.5, False)
+        return norms
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        reuse(clones(params), theta, clones(grads), clones(orthogonals))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        norms = reuse(params, theta, grads, orthogonals)
+    new_params, new_theta, new_grads = reuse_lists(shapes, torch.float32, seed=70)
+    for dst, src in zip(params + theta + grads, new_params + new_theta + new_grads):
+        dst.copy_(src)
+    graph.replay()
+    eager = [clones(new_params), clones(new_theta), clones(new_grads), [torch.empty_like(g) for g in grads]]
+    eager_norms = reuse(*eager)
+    torch.cuda.synchronize()
+    assert_bitwise_equal([norms] + params + grads + orthogonals, [eager_norms] + eager[0] + eager[2] + eager[3])
+    assert_bitwise_equal(params, new_theta)
 
 
 # -- the kernels' own checks -------------------------------------------------------------------------------------

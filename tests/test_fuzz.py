@@ -3,7 +3,7 @@
 
 Random tensor counts (1-200), shapes (0-d, one element, empty, chunk boundaries), dtypes (mixed within a
 list too), per-tensor or global norm, first or later ascent, non-finite gradients and non-contiguous
-layouts. 500 examples per op in CI (the "ci" profile, the default here); `HYPOTHESIS_PROFILE=dev` for a
+layouts; the gradient-reuse ops (norms, restore_orthogonal_, add_orthogonal_) on such lists. 500 examples per op in CI (the "ci" profile, the default here); `HYPOTHESIS_PROFILE=dev` for a
 quick run.
 """
 import math
@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from amp_fused import available_backends, functional
-from op_definition import perturb, restore_sgd
+from op_definition import (add_orthogonal, add_orthogonal_bounds, assert_within, direction_coefficients, norms,
+                           orthogonal_bounds, perturb, restore_orthogonal, restore_sgd)
 
 settings.register_profile("ci", max_examples=500, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -234,3 +235,69 @@ def test_restore_sgd_matches_definition(backend, spec, momentum, nesterov, maxim
             size = size + momentum * buf_size if nesterov else buf_size
         restored = theta.abs() + (0.01 * 8 if backend == "reference" else 0)  # subtract-back rounding of Δ
         close(p, expected.params[i], dtype, restored + lr * size)
+
+
+def poisoned(tensors, poison, index=0):
+    if poison and tensors[index].numel():
+        tensors[index][(0,) * tensors[index].dim()] = float(poison)
+    return tensors
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=min(100, settings().max_examples))
+@given(spec=tensor_specs(), per_tensor=st.booleans(), poison=st.sampled_from([None, "nan", "inf"]),
+       epsilon=st.sampled_from([0.0, 1e-3, 0.5]))
+def test_restore_orthogonal_matches_definition(backend, spec, per_tensor, poison, epsilon):
+    """After a first ascent: g_v of a gradient at θ + Δ against the definition (exactly g where c = 0: ε = 0, a
+    NaN or Inf), θ back bit for bit (reference: up to its subtract-back rounding)."""
+    specs, dtypes, layout = spec
+    params, grads, backups, theta = ascent_lists(spec, None)
+    ok, _ = run_or_reject(lambda: functional.perturb_(params, grads, backups, epsilon, 1.0, per_tensor, True,
+                                                      backend=backend), params)
+    if not ok:
+        return
+    perturbed = [p.clone() for p in params]
+    at_delta = poisoned(build(specs, dtypes, layout, 4), poison)
+    orthogonals = [torch.empty_like(p) for p in params]
+    functional.restore_orthogonal_(params, backups, at_delta, orthogonals, per_tensor, backend=backend)
+    expected = restore_orthogonal(perturbed, theta, at_delta, per_tensor)
+    bounds = orthogonal_bounds(expected, at_delta, theta, per_tensor, backend == "reference")
+    for i, (o, g, c) in enumerate(zip(orthogonals, at_delta, expected.coefficients)):
+        if c == 0.0:
+            assert torch.equal(o.view(torch.uint8) if o.dtype.itemsize == 1 else o, g) or (
+                torch.isnan(g).any() and torch.equal(torch.isnan(o), torch.isnan(g))
+                and torch.equal(torch.nan_to_num(o), torch.nan_to_num(g))), i
+        else:
+            assert_within([o], [expected.orthogonals[i]], [bounds[i]], f"orthogonals[{i}]")
+    if backend != "reference":
+        assert all(torch.equal(p.double(), t) for p, t in zip(params, theta))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=min(100, settings().max_examples))
+@given(spec=tensor_specs(), per_tensor=st.booleans(), poison=st.sampled_from([None, "nan", "inf", "zero"]),
+       alpha=st.sampled_from([0.0, 0.7, 3.0]))
+def test_add_orthogonal_and_norms_match_definition(backend, spec, per_tensor, poison, alpha):
+    specs, dtypes, layout = spec
+    grads, orthogonals = build(specs, dtypes, layout, 5), build(specs, dtypes, layout, 6)
+    if poison == "zero":
+        orthogonals[0].zero_()
+    else:
+        poisoned(orthogonals, poison)
+    ok, result = run_or_reject(lambda: functional.norms(orthogonals, backend=backend), [])
+    if not ok:
+        return
+    expected_norms = norms(orthogonals)
+    finite = torch.isfinite(expected_norms)
+    assert torch.equal(torch.isfinite(result), finite)
+    torch.testing.assert_close(result.double()[finite], expected_norms[finite], rtol=2e-5, atol=0)
+    before = [g.clone() for g in grads]
+    functional.add_orthogonal_(grads, orthogonals, alpha, per_tensor, backend=backend)
+    coefficients = direction_coefficients(before, orthogonals, alpha, per_tensor)
+    expected = add_orthogonal(before, orthogonals, alpha, per_tensor)
+    bounds = add_orthogonal_bounds(before, orthogonals, alpha, per_tensor)
+    for i, (g, b, c) in enumerate(zip(grads, before, coefficients)):
+        if c == 0.0:
+            assert torch.equal(g, b), i  # left as it was
+        else:
+            assert_within([g], [expected[i]], [bounds[i]], f"grads[{i}]")

@@ -25,7 +25,8 @@ pytestmark = [
 
 DEVICE = "cuda"
 KERNEL_NAMES = ("perturb_sumsq_kernel", "perturb_scale_kernel", "perturb_apply_kernel", "restore_sgd_kernel",
-                "copy_kernel")
+                "copy_kernel", "pair_sums_kernel", "pair_scale_kernel", "restore_orthogonal_kernel",
+                "add_orthogonal_kernel")
 SGD_FLAGS = [dict(momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=True, maximize=False),
              dict(momentum=0.5, dampening=0.1, weight_decay=0.0, nesterov=False, maximize=True),
              dict(momentum=0.0, dampening=0.0, weight_decay=1e-2, nesterov=False, maximize=False)]
@@ -231,8 +232,17 @@ def test_no_host_sync_after_warm_up_and_after_a_table_rebuild(triton_ops, chunk)
     theta, grads = make_lists(shapes, torch.float32, seed=8, device=DEVICE)
     params, backups, buffers = clones(theta), empty_like(theta), clones(grads)
     held = ops.hold(params, backups)
+    orthogonals, reused = empty_like(theta), clones(grads)
+
+    def reuse_ops():
+        triton_ops.norms(grads)
+        triton_ops.perturb_(params, grads, backups, 0.5, 1.0, True, True)
+        triton_ops.restore_orthogonal_(params, backups, grads, orthogonals, False)
+        triton_ops.add_orthogonal_(reused, orthogonals, 1e-6, True)
+
     _one_step(triton_ops, params, grads, backups, buffers)  # warm-up: compiles the kernels
     _one_step(triton_ops, held, grads, backups, buffers)
+    reuse_ops()
     torch.cuda.synchronize()
     with sync_debug_error():
         _one_step(triton_ops, params, grads, backups, buffers)  # cached tables
@@ -243,6 +253,7 @@ def test_no_host_sync_after_warm_up_and_after_a_table_rebuild(triton_ops, chunk)
         _one_step(triton_ops, held, new_grads, backups, buffers)
         _one_step(triton_ops, ops.hold(params, backups), grads, backups, buffers)
         triton_ops.restore_(params, backups)
+        reuse_ops()  # the gradient-reuse ops (warmed up before the guard): no sync either
     torch.cuda.synchronize()
 
 
@@ -304,7 +315,8 @@ def counted_launches():
 @pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float32, torch.bfloat16, torch.float16)],
                          ids=["one_dtype", "three_dtypes"])
 def test_launches_per_op(triton_ops, chunk, dtypes):
-    """ops.py: perturb_ 2G + 1, restore_ G, restore_sgd_ G launches for G dtype groups, whatever the count."""
+    """ops.py: perturb_ 2G + 1, restore_ G, restore_sgd_ G, norms G + 1, restore_orthogonal_ and add_orthogonal_
+    2G + 1 launches for G dtype groups, whatever the count."""
     groups = len(dtypes)
     for count in (10, 300):
         shapes = [(chunk + 7 * i,) for i in range(count)]
@@ -314,7 +326,11 @@ def test_launches_per_op(triton_ops, chunk, dtypes):
                 ("perturb_", lambda: triton_ops.perturb_(params, grads, backups, 0.5, 1.0, True, True), 2 * groups + 1),
                 ("restore_sgd_", lambda: triton_ops.restore_sgd_(params, backups, grads, buffers, 0.1, 0.9, 0.0, 0.0,
                                                                  False, False, False), groups),
-                ("restore_", lambda: triton_ops.restore_(params, backups), groups)):
+                ("restore_", lambda: triton_ops.restore_(params, backups), groups),
+                ("norms", lambda: triton_ops.norms(grads), groups + 1),
+                ("restore_orthogonal_", lambda: triton_ops.restore_orthogonal_(params, backups, grads, buffers, True),
+                 2 * groups + 1),
+                ("add_orthogonal_", lambda: triton_ops.add_orthogonal_(buffers, grads, 1e-6, False), 2 * groups + 1)):
             call()  # warm-up
             with counted_launches() as launches:
                 call()

@@ -23,6 +23,18 @@ nesterov, maximize, first_step)``
     ``momentum_buffers`` is ignored and may be empty).
 ``perturbation(params, backups) -> list``
     Δ = params − θ of perturbed ``params``, as new tensors.
+``norms(tensors) -> norms``
+    The fp32 norms ‖t‖₂ of each tensor, then the norm over all of them (as ``perturb_`` returns its norms;
+    finite inputs never overflow them). Reads only. The adaptive schedule's ‖g‖² at θ.
+``restore_orthogonal_(params, backups, grads, orthogonals, per_tensor)``
+    LookSAM's gradient reuse, formed in the restore pass: with Δ = params − θ and g = ``grads`` (the gradient
+    at θ + Δ), ``orthogonals`` ← g − c·Δ, c = ⟨Δ, g⟩ / ‖Δ‖² for each tensor (``per_tensor``) or once over all
+    of them (sums over all tensors): the part of g orthogonal to Δ. c is 0 where ‖Δ‖² is 0 or c is not
+    finite, and then ``orthogonals`` ← g exactly. Then params ← θ (bit for bit, as ``restore_``).
+``add_orthogonal_(grads, orthogonals, alpha, per_tensor)``
+    grads ← g + α·(‖g‖ / ‖v‖)·v with v = ``orthogonals``, the norms per tensor (``per_tensor``) or over all
+    tensors. Where that coefficient is 0 or not finite (v = 0, a NaN or Inf norm) the gradient is left as it
+    is, so a non-finite v never reaches it (and a non-finite g stays for GradScaler to see).
 
 What ``backups`` holds between the ops is the backend's business (θ everywhere except ``reference``,
 which keeps Δ as the original code does); only the ops read it. An op either completes or raises before
@@ -43,7 +55,7 @@ import warnings
 # Added to ‖Δ‖ before dividing, as the original AMP code does (C++: kNormEps in csrc/amp_math.h).
 NORM_EPS = 1e-12
 
-OPS = ("perturb_", "restore_", "restore_sgd_", "perturbation")
+OPS = ("perturb_", "restore_", "restore_sgd_", "perturbation", "norms", "restore_orthogonal_", "add_orthogonal_")
 
 # name -> "module:attribute" (the attribute is the backend; no attribute: the module itself).
 _REGISTRY = {

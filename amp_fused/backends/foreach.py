@@ -102,11 +102,12 @@ def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first, surfa
     return all_norms
 
 
-def _add_scaled_(params, steps, coefficients, surface):
-    """params += coefficient·step per tensor. The coefficients reach the kernel in the tensors' dtype, and on
-    the surface ε/‖Δ‖ of a small Δ exceeds fp16's range (65504): fp16 tensors form their move in fp32 there."""
+def _add_scaled_(params, steps, coefficients, wide):
+    """params += coefficient·step per tensor. The coefficients reach the kernel in the tensors' dtype, and some
+    exceed fp16's range (65504: ε/‖Δ‖ of a small Δ on SAM's surface, the coefficients of the gradient-reuse ops):
+    with ``wide``, fp16 tensors form their move in fp32."""
     coefficients = list(coefficients.unbind())
-    half = [i for i, p in enumerate(params) if p.dtype == torch.float16] if surface else []
+    half = [i for i, p in enumerate(params) if p.dtype == torch.float16] if wide else []
     if not half:
         torch._foreach_addcmul_(params, steps, coefficients)
         return
@@ -142,3 +143,68 @@ def restore_sgd_(params, backups, grads, momentum_buffers, lr, momentum, dampeni
 
 def perturbation(params, backups):
     return list(torch._foreach_sub(params, backups)) if params else []  # backups hold θ
+
+
+def _dots(a, b):
+    """⟨a_i, b_i⟩ per tensor in float64, in a fixed number of foreach ops (there is no foreach sum): the sum is
+    the sum of the positive products less that of the negative ones, each an L1 norm (NaN stays NaN)."""
+    products = torch._foreach_mul(a, b)
+    positive = torch._foreach_clamp_min(products, 0.0)
+    total = torch.stack(torch._foreach_norm(products, 1, dtype=torch.float64))
+    return 2 * torch.stack(torch._foreach_norm(positive, 1, dtype=torch.float64)) - total
+
+
+def _combine(sums, per_tensor):
+    """Per-tensor sums, or their total for every tensor."""
+    return sums if per_tensor else sums.sum().expand_as(sums)
+
+
+def norms(tensors, *, norms_of=_norms):
+    if not tensors:
+        return torch.zeros(1)
+    values = norms_of(tensors)
+    return torch.cat([values, torch.linalg.vector_norm(values).reshape(1)]).float()
+
+
+def _keep(coefficients):
+    """Where the coefficients are finite and not 0, and the coefficients with 0 elsewhere."""
+    keep = torch.isfinite(coefficients) & (coefficients != 0)
+    return keep, torch.where(keep, coefficients, 0.0)
+
+
+def _add_kept_(targets, steps, coefficients):
+    """targets += coefficient·step for the tensors whose coefficient is finite and not 0; the others stay as they
+    are (a non-finite step never reaches them)."""
+    keep, coefficients = _keep(coefficients)
+    if host_reads_are_free(keep):
+        idx = keep.nonzero().flatten().tolist()
+        if len(idx) < len(targets):
+            targets, steps, coefficients = [targets[i] for i in idx], [steps[i] for i in idx], coefficients[idx]
+        if targets:
+            _add_scaled_(targets, steps, coefficients, True)
+        return
+    _add_scaled_(targets, _finite_where_kept(steps, keep.to(coefficients.dtype)), coefficients, True)
+
+
+def restore_orthogonal_(params, backups, grads, orthogonals, per_tensor, *, norms_of=_norms, dots_of=_dots):
+    """``norms_of`` / ``dots_of``: ‖t‖₂ and ⟨a, b⟩ per tensor (:mod:`amp_fused.backends.sharded` completes those of
+    local shards across ranks)."""
+    if not params:
+        return
+    delta = torch._foreach_sub(params, backups)
+    squares = _combine(norms_of(delta).square(), per_tensor)
+    dots = _combine(dots_of(delta, grads), per_tensor)
+    coefficients = torch.where(squares > 0, dots / squares, 0.0)
+    torch._foreach_copy_(orthogonals, grads)
+    _add_kept_(orthogonals, delta, -coefficients)
+    torch._foreach_copy_(params, backups)
+
+
+def add_orthogonal_(grads, orthogonals, alpha, per_tensor, *, norms_of=_norms):
+    if not grads:
+        return
+    g_norms, v_norms = norms_of(grads), norms_of(orthogonals)
+    if not per_tensor:
+        g_norms = torch.linalg.vector_norm(g_norms).expand_as(g_norms)
+        v_norms = torch.linalg.vector_norm(v_norms).expand_as(v_norms)
+    _add_kept_(grads, orthogonals, alpha * g_norms / v_norms)

@@ -52,6 +52,22 @@ class NativeBackend:
                                              weight_decay, nesterov, maximize, first_step)
 
     @staticmethod
+    def norms(tensors):
+        if not tensors:
+            return torch.zeros(1)
+        return torch.ops.amp_fused.norms(tensors)
+
+    @staticmethod
+    def restore_orthogonal_(params, backups, grads, orthogonals, per_tensor):
+        if params or backups or grads or orthogonals:
+            torch.ops.amp_fused.restore_orthogonal_(params, backups, grads, orthogonals, per_tensor)
+
+    @staticmethod
+    def add_orthogonal_(grads, orthogonals, alpha, per_tensor):
+        if grads or orthogonals:
+            torch.ops.amp_fused.add_orthogonal_(grads, orthogonals, alpha, per_tensor)
+
+    @staticmethod
     def perturbation(params, backups):
         return list(torch._foreach_sub(params, backups)) if params else []  # backups hold θ
 

@@ -87,3 +87,47 @@ def restore_sgd_(params, backups, grads, momentum_buffers, lr, momentum, dampeni
 
 def perturbation(params, backups):
     return [dev.clone() for dev in backups]  # backups hold Δ here
+
+
+def norms(tensors):
+    values = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors]
+    total = torch.stack(values).norm() if values else torch.zeros((), dtype=torch.float64)
+    device = tensors[0].device if tensors else None
+    return torch.stack(values + [total]).to(device=device, dtype=torch.float32)
+
+
+def _orthogonal_coef(dot, squared_norm):
+    if not squared_norm > 0.0:
+        return 0.0
+    c = dot / squared_norm
+    return c if math.isfinite(c) else 0.0
+
+
+def restore_orthogonal_(params, backups, grads, orthogonals, per_tensor):
+    # backups hold Δ here. Each dot and squared norm in float64, decided on the host (a sync per tensor).
+    dots = [torch.sum(d.double() * g.double()).item() for d, g in zip(backups, grads)]
+    squares = [torch.sum(d.double().square()).item() for d in backups]
+    if per_tensor:
+        coefs = [_orthogonal_coef(dot, sq) for dot, sq in zip(dots, squares)]
+    else:
+        coefs = [_orthogonal_coef(math.fsum(dots), math.fsum(squares))] * len(backups)
+    for o, g, d, c in zip(orthogonals, grads, backups, coefs):
+        o.copy_(g if c == 0.0 else torch.sub(g, d, alpha=c))
+    restore_(params, backups)
+
+
+def _direction_coef(alpha, grad_norm, orthogonal_norm):
+    coef = float(torch.tensor(alpha * grad_norm, dtype=torch.float64) / orthogonal_norm)  # IEEE: x/0 is Inf
+    return coef if math.isfinite(coef) else 0.0
+
+
+def add_orthogonal_(grads, orthogonals, alpha, per_tensor):
+    g_norms = [torch.linalg.vector_norm(g, dtype=torch.float64).item() for g in grads]
+    v_norms = [torch.linalg.vector_norm(v, dtype=torch.float64).item() for v in orthogonals]
+    if not per_tensor:
+        g_norms = [math.sqrt(math.fsum(n * n for n in g_norms))] * len(grads)
+        v_norms = [math.sqrt(math.fsum(n * n for n in v_norms))] * len(grads)
+    for g, v, a, b in zip(grads, orthogonals, g_norms, v_norms):
+        coef = _direction_coef(alpha, a, b)
+        if coef != 0.0:
+            g.add_(v, alpha=coef)

@@ -98,23 +98,33 @@ def _full_norms(local_tensors, groups) -> torch.Tensor:
     # would not; the norms come back in the tensors' accumulation type.
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in local_tensors) else torch.float32
     squares = torch.stack(torch._foreach_norm(local_tensors, 2, dtype=torch.float64)).square()
+    return _summed_over_shards(squares, groups).sqrt().to(dtype)
+
+
+def _full_dots(local_a, local_b, groups) -> torch.Tensor:
+    """⟨a, b⟩ of each pair of full tensors from their local shards (float64)."""
+    return _summed_over_shards(foreach._dots(local_a, local_b), groups)
+
+
+def _summed_over_shards(sums, groups) -> torch.Tensor:
+    """``sums`` (one local sum per tensor) summed over each tensor's shard groups."""
     by_groups = {}
     for i, tensor_groups in enumerate(groups):
         if tensor_groups:
             by_groups.setdefault(tensor_groups, []).append(i)
-    if len(by_groups) == 1 and len(next(iter(by_groups.values()))) == len(local_tensors):
+    if len(by_groups) == 1 and len(next(iter(by_groups.values()))) == len(sums):
         for group in next(iter(by_groups)):  # the usual case (FSDP over a 1-D mesh): one all-reduce
-            torch.distributed.all_reduce(squares, group=group)
+            torch.distributed.all_reduce(sums, group=group)
     elif by_groups:
-        squares = list(squares.unbind())
+        sums = list(sums.unbind())
         for tensor_groups, indices in by_groups.items():
-            part = torch.stack([squares[i] for i in indices])
+            part = torch.stack([sums[i] for i in indices])
             for group in tensor_groups:
                 torch.distributed.all_reduce(part, group=group)
             for j, i in enumerate(indices):
-                squares[i] = part[j]
-        squares = torch.stack(squares)
-    return squares.sqrt().to(dtype)
+                sums[i] = part[j]
+        sums = torch.stack(sums)
+    return sums
 
 
 def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first, surface=False, eta=None):
@@ -145,6 +155,37 @@ def restore_sgd_(params, backups, grads, momentum_buffers, lr, momentum, dampeni
                              weight_decay)
     foreach.restore_sgd_(local_params, local_backups, local_grads, local_buffers, lr, momentum, dampening,
                          weight_decay, nesterov, maximize, first_step)
+
+
+def norms(tensors):
+    if not tensors:
+        return torch.zeros(1)
+    groups = [_reduction_groups(t, i) for i, t in enumerate(tensors)]
+    (local,) = _locals("norms", tensors)
+    checks.check_norms(local)
+    return foreach.norms(local, norms_of=lambda ts: _full_norms(ts, groups))
+
+
+def restore_orthogonal_(params, backups, grads, orthogonals, per_tensor):
+    if not params:
+        return
+    groups = [_reduction_groups(p, i) for i, p in enumerate(params)]
+    local_params, local_backups, local_grads, local_orthogonals = _locals(
+        "restore_orthogonal_", params, backups=backups, grads=grads, orthogonals=orthogonals)
+    checks.check_restore_orthogonal(local_params, local_backups, local_grads, local_orthogonals)
+    foreach.restore_orthogonal_(local_params, local_backups, local_grads, local_orthogonals, per_tensor,
+                                norms_of=lambda ts: _full_norms(ts, groups),
+                                dots_of=lambda a, b: _full_dots(a, b, groups))
+
+
+def add_orthogonal_(grads, orthogonals, alpha, per_tensor):
+    if not grads:
+        return
+    groups = [_reduction_groups(g, i) for i, g in enumerate(grads)]
+    local_grads, local_orthogonals = _locals("add_orthogonal_", grads, orthogonals=orthogonals)
+    checks.check_add_orthogonal(local_grads, local_orthogonals, alpha)
+    foreach.add_orthogonal_(local_grads, local_orthogonals, alpha, per_tensor,
+                            norms_of=lambda ts: _full_norms(ts, groups))
 
 
 def perturbation(params, backups):

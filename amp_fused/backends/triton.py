@@ -28,6 +28,9 @@ perturb_ = ops.perturb_
 hold = ops.hold  # the optimizer's plan: layouts and tables checked once per plan (amp_fused.plan.hold)
 restore_ = ops.restore_
 restore_sgd_ = ops.restore_sgd_
+norms = ops.norms
+restore_orthogonal_ = ops.restore_orthogonal_
+add_orthogonal_ = ops.add_orthogonal_
 
 
 def perturbation(params, backups):

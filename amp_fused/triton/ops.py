@@ -1,7 +1,9 @@
 """Host side of the Triton backend: checks, metadata, and the kernel launches of each op.
 
 Semantics of the ops: :mod:`amp_fused.backends`. Launches per call, with G dtype groups in the list:
-``perturb_`` 2G + 1 (sums of squares, scales, apply), ``restore_`` G, ``restore_sgd_`` G.
+``perturb_`` 2G + 1 (sums of squares, scales, apply), ``restore_`` G, ``restore_sgd_`` G, ``norms`` G + 1 (perturb_'s
+sums of squares and its scale pass without the scales), ``restore_orthogonal_`` 2G + 1 and ``add_orthogonal_``
+2G + 1 (two sums per element, coefficients, apply). None of them syncs with the host.
 
 A list from :func:`hold` (what the optimizer's plan passes) carries its layout and tables, so a call costs one
 ``data_ptr()`` per tensor of the lists it did not hold, and one version bump per tensor written: one C++ pass per
@@ -40,11 +42,14 @@ SUMSQ = PassConfig(block=4096, num_warps=8)
 APPLY = PassConfig(block=2048, num_warps=8)
 SGD = PassConfig(block=2048, num_warps=8)
 COPY = PassConfig(block=4096, num_warps=8)
+# The gradient-reuse ops' sums keep two fp64 accumulators per element (and up to three input streams) live: half-chunk
+# steps, as apply. Their apply passes (restore_orthogonal_kernel, add_orthogonal_kernel) take APPLY's.
+PAIR_SUMS = PassConfig(block=2048, num_warps=8)
 # The scale pass is one program: tensors SCALE_T_BLOCK at a time (metadata: the layout holds each block's
 # trip count), their partial sums SCALE_C_BLOCK at a time.
 SCALE_C_BLOCK, SCALE_NUM_WARPS = 64, 4
 
-for _config in (SUMSQ, APPLY, SGD, COPY):
+for _config in (SUMSQ, APPLY, SGD, COPY, PAIR_SUMS):
     assert CHUNK % _config.block == 0, "a program's chunk must be whole vector steps"
 
 
@@ -87,10 +92,11 @@ def _host_copies_under_interpreter(*written: str):
     """
     def wrap(op):
         signature = inspect.signature(op)
+        lead = next(iter(signature.parameters))  # the list whose layout the op launches over
 
         @functools.wraps(op)
         def run(*args, **kwargs):
-            params = args[0] if args else kwargs["params"]
+            params = args[0] if args else kwargs[lead]
             if not (INTERPRET and len(params) and params[0].device.type == "cuda"):
                 return op(*args, **kwargs)
             arguments = signature.bind(*args, **kwargs).arguments
@@ -137,10 +143,11 @@ def hold(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor]):
 
 
 def _prepare(**lists: Sequence[torch.Tensor]):
-    """The layout of ``params`` and a pointer table per list. The lists were checked against each other by the
-    op layer (:mod:`amp_fused.checks`) or by the plan that holds them, so the layout of ``params`` addresses
-    every list."""
-    params = lists["params"]
+    """The layout of the first list (``params``; ``norms``: ``tensors``, ``add_orthogonal_``: ``grads``) and a
+    pointer table per list. The lists were checked against each other by the op layer (:mod:`amp_fused.checks`)
+    or by the plan that holds them, so the layout of the first list addresses every list. A first list from
+    :func:`hold` brings its layout and its own table (the held ``params`` table, whatever the op calls it)."""
+    lead_name, params = next(iter(lists.items()))
     device = params[0].device
     held = getattr(params, "held", None)
     if held is None:
@@ -148,7 +155,8 @@ def _prepare(**lists: Sequence[torch.Tensor]):
         tables = [CACHE.table_of(tensors, device, name) for name, tensors in lists.items()]
     else:
         layout = held.layout
-        tables = [held.pointer_table(tensors, device, name) for name, tensors in lists.items()]
+        tables = [held.pointer_table(tensors, device, "params" if name == lead_name else name)
+                  for name, tensors in lists.items()]
     stream = current_stream(device)
     if stream is not None:
         layout.upload.use(stream)
@@ -193,7 +201,7 @@ def perturb_(params, grads, backups, epsilon, inner_lr, per_tensor, first, surfa
         k.perturb_scale_kernel[(1,)](
             partials, layout.first_prog, layout.n_chunks, layout.block_chunks, norms, scales, layout.num_tensors,
             float(epsilon), PER_TENSOR=bool(per_tensor), ACC=acc, T_BLOCK=SCALE_T_BLOCK, C_BLOCK=SCALE_C_BLOCK,
-            SURFACE=surface, num_warps=SCALE_NUM_WARPS)
+            SURFACE=surface, SCALES=True, num_warps=SCALE_NUM_WARPS)
         for group in layout.groups:
             if group.num_programs:
                 storage, compute, _ = _triton_types(group.dtype)
@@ -256,3 +264,95 @@ def restore_sgd_(params, backups, grads, momentum_buffers, lr, momentum, dampeni
         metadata.bump_versions(params, momentum_buffers)
     else:
         metadata.bump_versions(params)
+
+
+@_host_copies_under_interpreter()
+def norms(tensors):
+    if not tensors:
+        return torch.zeros(1)
+    device = tensors[0].device
+    k = _kernels_for(device)
+    # perturb_'s passes: its first ascent's sums of squares with ζ = 1 (ζ·t is t exactly), its scale pass
+    # without the scales. The pointer tables perturb_sumsq_kernel does not read there (params, backups)
+    # get the tensors' own.
+    layout, (table,) = _prepare(tensors=tensors)
+    acc = _acc_type()
+    partials = torch.empty(layout.num_programs, dtype=ACC_DTYPE, device=device)
+    result = torch.empty(layout.num_tensors + 1, dtype=torch.float32, device=device)
+    with _device_guard(device):
+        for group in layout.groups:
+            if group.num_programs:
+                storage, compute, _ = _triton_types(group.dtype)
+                k.perturb_sumsq_kernel[(group.num_programs,)](
+                    table, table, table, layout.numels, layout.prog_tensor, layout.prog_offset, partials,
+                    group.prog_base, 1.0, FIRST=True, DTYPE=storage, COMPUTE=compute, ACC=acc, CHUNK=CHUNK,
+                    BLOCK=SUMSQ.block, eta=0.0, WEIGHTED=False, num_warps=SUMSQ.num_warps)
+        k.perturb_scale_kernel[(1,)](
+            partials, layout.first_prog, layout.n_chunks, layout.block_chunks, result, result, layout.num_tensors,
+            0.0, PER_TENSOR=True, ACC=acc, T_BLOCK=SCALE_T_BLOCK, C_BLOCK=SCALE_C_BLOCK, SURFACE=False,
+            SCALES=False, num_warps=SCALE_NUM_WARPS)
+    return result
+
+
+def _pair_coefficients(k, layout, tables, alpha, per_tensor, orthogonal):
+    """Passes 1 and 2 of the gradient-reuse ops: the fp64 coefficient of every tensor, on the device. ``tables``:
+    (params, backups, grads) for ``restore_orthogonal_`` (``orthogonal``), (grads, orthogonals, grads) for
+    ``add_orthogonal_``."""
+    device = layout.device
+    acc = _acc_type()
+    # Both partial sums in one allocation, the second from a 16-byte boundary.
+    stride = layout.num_programs + layout.num_programs % 2
+    partials = torch.empty(2 * stride, dtype=ACC_DTYPE, device=device)
+    partials_x, partials_y = partials[:stride], partials[stride:]
+    coefs = torch.empty(layout.num_tensors, dtype=ACC_DTYPE, device=device)
+    for group in layout.groups:
+        if group.num_programs:
+            storage, compute, _ = _triton_types(group.dtype)
+            k.pair_sums_kernel[(group.num_programs,)](
+                *tables, layout.numels, layout.prog_tensor, layout.prog_offset, partials_x, partials_y,
+                group.prog_base, ORTHOGONAL=orthogonal, DTYPE=storage, COMPUTE=compute, ACC=acc, CHUNK=CHUNK,
+                BLOCK=PAIR_SUMS.block, num_warps=PAIR_SUMS.num_warps)
+    k.pair_scale_kernel[(1,)](
+        partials_x, partials_y, layout.first_prog, layout.n_chunks, layout.block_chunks, coefs, layout.num_tensors,
+        float(alpha), PER_TENSOR=bool(per_tensor), ORTHOGONAL=orthogonal, ACC=acc, T_BLOCK=SCALE_T_BLOCK,
+        C_BLOCK=SCALE_C_BLOCK, num_warps=SCALE_NUM_WARPS)
+    return coefs
+
+
+@_host_copies_under_interpreter("params", "orthogonals")
+def restore_orthogonal_(params, backups, grads, orthogonals, per_tensor):
+    if not params:
+        return
+    device = params[0].device
+    k = _kernels_for(device)
+    layout, (param_table, backup_table, grad_table, orthogonal_table) = _prepare(
+        params=params, backups=backups, grads=grads, orthogonals=orthogonals)
+    with _device_guard(device):
+        coefs = _pair_coefficients(k, layout, (param_table, backup_table, grad_table), 0.0, per_tensor, True)
+        for group in layout.groups:
+            if group.num_programs:
+                storage, compute, _ = _triton_types(group.dtype)
+                k.restore_orthogonal_kernel[(group.num_programs,)](
+                    param_table, backup_table, grad_table, orthogonal_table, layout.numels, layout.prog_tensor,
+                    layout.prog_offset, coefs, group.prog_base, DTYPE=storage, COMPUTE=compute, CHUNK=CHUNK,
+                    BLOCK=APPLY.block, num_warps=APPLY.num_warps)
+    metadata.bump_versions(params, orthogonals)
+
+
+@_host_copies_under_interpreter("grads")
+def add_orthogonal_(grads, orthogonals, alpha, per_tensor):
+    if not grads:
+        return
+    device = grads[0].device
+    k = _kernels_for(device)
+    layout, (grad_table, orthogonal_table) = _prepare(grads=grads, orthogonals=orthogonals)
+    with _device_guard(device):
+        coefs = _pair_coefficients(k, layout, (grad_table, orthogonal_table, grad_table), alpha, per_tensor, False)
+        for group in layout.groups:
+            if group.num_programs:
+                storage, compute, _ = _triton_types(group.dtype)
+                k.add_orthogonal_kernel[(group.num_programs,)](
+                    grad_table, orthogonal_table, layout.numels, layout.prog_tensor, layout.prog_offset, coefs,
+                    group.prog_base, DTYPE=storage, COMPUTE=compute, CHUNK=CHUNK, BLOCK=APPLY.block,
+                    num_warps=APPLY.num_warps)
+    metadata.bump_versions(grads)

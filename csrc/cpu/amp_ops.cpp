@@ -13,6 +13,13 @@
 // makes the ascent variable u = ζ·T·g with T = |θ| + η: both passes then read θ (= params, a first ascent)
 // and form T from it, in kernels instantiated apart (Weighted = true), so the unweighted loops are unchanged.
 //
+// norms, restore_orthogonal_ and add_orthogonal_ (LookSAM's gradient reuse) use the same scheme for their sums
+// (chunk_sums: K sums per chunk in the compute type, a chunk with any non-finite sum redone in double, per tensor
+// and over all tensors in double in chunk order), then a pass that applies the per-tensor coefficient, computed
+// in double on the host with amp_math.h; a zero coefficient copies (orthogonals ← g) or skips (grads stay) the
+// tensor's chunks bit for bit. restore_orthogonal_ forms Δ = params − θ in the compute type in both passes and
+// copies θ back into params (bytes) once Δ is read.
+//
 // Every op first checks the argument contract (csrc/checks.h, the same as amp_fused/checks.py), then that the
 // tensors are on the CPU, before anything is written.
 #include <ATen/Dispatch.h>
@@ -25,6 +32,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -289,11 +297,226 @@ void chunk_restore_sgd(const at::Tensor& param, const at::Tensor& backup, const 
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Reductions of norms, restore_orthogonal_ and add_orthogonal_: K sums of products over one chunk.
+
+// Per-chunk sums of K block terms, in the compute type, in perturb_'s two levels (chunk_sum_squares): each
+// lane sums a segment of 64 blocks, then the segment sums are added up, then the lanes in a fixed order.
+// terms(i, count, lo, hi) sets lo[k], hi[k] to the k-th product of the block at i (zero on padded lanes).
+template <typename scalar_t, size_t K, typename Terms>
+std::array<double, K> chunk_sums(const Chunk& c, const Terms& terms) {
+  using IO = BlockIO<scalar_t>;
+  using opmath_t = typename IO::opmath_t;
+  using Vec = typename IO::Vec;
+  constexpr int64_t kSegmentBlocks = 64;
+  std::array<Vec, K> acc_lo, acc_hi;
+  acc_lo.fill(Vec(opmath_t(0)));
+  acc_hi.fill(Vec(opmath_t(0)));
+  for (int64_t begin = 0; begin < c.size; begin += kSegmentBlocks * IO::kBlock) {
+    std::array<Vec, K> seg_lo, seg_hi;
+    seg_lo.fill(Vec(opmath_t(0)));
+    seg_hi.fill(Vec(opmath_t(0)));
+    const int64_t end = std::min(c.size, begin + kSegmentBlocks * IO::kBlock);
+    for_each_block<IO::kBlock>(begin, end, [&](int64_t i, auto count) {
+      std::array<Vec, K> lo, hi;
+      terms(i, count, lo, hi);
+      for (size_t k = 0; k < K; ++k) {
+        seg_lo[k] = seg_lo[k] + lo[k];
+        seg_hi[k] = seg_hi[k] + hi[k];
+      }
+    });
+    for (size_t k = 0; k < K; ++k) {
+      acc_lo[k] = acc_lo[k] + seg_lo[k];
+      acc_hi[k] = acc_hi[k] + seg_hi[k];
+    }
+  }
+  std::array<double, K> out;
+  for (size_t k = 0; k < K; ++k) {
+    alignas(64) opmath_t lanes[Vec::size()];
+    (acc_lo[k] + acc_hi[k]).store(lanes);
+    opmath_t sum = 0;
+    for (int64_t j = 0; j < Vec::size(); ++j) {
+      sum += lanes[j];
+    }
+    out[k] = static_cast<double>(sum);
+  }
+  return out;
+}
+
+// The same K sums with every product and sum in double (chunk_sum_squares_wide's redo, for a chunk where one
+// of the compute-type sums came out non-finite). terms(i, out) sets out[k] to the k-th product of element i,
+// its factors formed in the compute type exactly as the vector code forms them. A plain scalar loop: only
+// reached on overflow or NaN/Inf.
+template <size_t K, typename Terms>
+std::array<double, K> chunk_sums_wide(const Chunk& c, const Terms& terms) {
+  std::array<double, K> out{};
+  for (int64_t i = 0; i < c.size; ++i) {
+    std::array<double, K> t;
+    terms(i, t);
+    for (size_t k = 0; k < K; ++k) {
+      out[k] += t[k];
+    }
+  }
+  return out;
+}
+
+// chunk_sums, redone wide where a sum is not finite (fp64 is summed in double from the start).
+template <typename scalar_t, size_t K, typename Terms, typename WideTerms>
+std::array<double, K> chunk_sums_redone(const Chunk& c, const Terms& terms, const WideTerms& wide_terms) {
+  std::array<double, K> sums = chunk_sums<scalar_t, K>(c, terms);
+  if constexpr (!std::is_same_v<at::opmath_type<scalar_t>, double>) {
+    if (!std::all_of(sums.begin(), sums.end(), [](double s) { return std::isfinite(s); })) {
+      sums = chunk_sums_wide<K>(c, wide_terms);
+    }
+  }
+  return sums;
+}
+
+// Σ t² over one chunk (norms).
+template <typename scalar_t>
+std::array<double, 1> chunk_norm_sums(const at::Tensor& tensor, const Chunk& c) {
+  using IO = BlockIO<scalar_t>;
+  using opmath_t = typename IO::opmath_t;
+  using Vec = typename IO::Vec;
+  const scalar_t* t = data_of<scalar_t>(tensor) + c.begin;
+  return chunk_sums_redone<scalar_t, 1>(
+      c,
+      [&](int64_t i, auto count, std::array<Vec, 1>& lo, std::array<Vec, 1>& hi) {
+        Vec t_lo, t_hi;
+        IO::load(t + i, count, t_lo, t_hi);
+        lo[0] = t_lo * t_lo;
+        hi[0] = t_hi * t_hi;
+      },
+      [&](int64_t i, std::array<double, 1>& out) {
+        const auto x = static_cast<double>(static_cast<opmath_t>(t[i]));
+        out[0] = x * x;
+      });
+}
+
+// (Σ Δ·g, Σ Δ²) over one chunk, Δ = p − θ in the compute type (restore_orthogonal_).
+template <typename scalar_t>
+std::array<double, 2> chunk_orthogonal_sums(const at::Tensor& param, const at::Tensor& backup,
+                                            const at::Tensor& grad, const Chunk& c) {
+  using IO = BlockIO<scalar_t>;
+  using opmath_t = typename IO::opmath_t;
+  using Vec = typename IO::Vec;
+  const scalar_t* p = data_of<scalar_t>(param) + c.begin;
+  const scalar_t* b = data_of<scalar_t>(backup) + c.begin;
+  const scalar_t* g = data_of<scalar_t>(grad) + c.begin;
+  return chunk_sums_redone<scalar_t, 2>(
+      c,
+      [&](int64_t i, auto count, std::array<Vec, 2>& lo, std::array<Vec, 2>& hi) {
+        Vec p_lo, p_hi, b_lo, b_hi, g_lo, g_hi;
+        IO::load(p + i, count, p_lo, p_hi);
+        IO::load(b + i, count, b_lo, b_hi);
+        IO::load(g + i, count, g_lo, g_hi);
+        const Vec d_lo = p_lo - b_lo;
+        const Vec d_hi = p_hi - b_hi;
+        lo[0] = d_lo * g_lo;
+        hi[0] = d_hi * g_hi;
+        lo[1] = d_lo * d_lo;
+        hi[1] = d_hi * d_hi;
+      },
+      [&](int64_t i, std::array<double, 2>& out) {
+        const auto d = static_cast<double>(static_cast<opmath_t>(p[i]) - static_cast<opmath_t>(b[i]));
+        out[0] = d * static_cast<double>(static_cast<opmath_t>(g[i]));
+        out[1] = d * d;
+      });
+}
+
+// (Σ g², Σ v²) over one chunk (add_orthogonal_).
+template <typename scalar_t>
+std::array<double, 2> chunk_direction_sums(const at::Tensor& grad, const at::Tensor& orthogonal, const Chunk& c) {
+  using IO = BlockIO<scalar_t>;
+  using opmath_t = typename IO::opmath_t;
+  using Vec = typename IO::Vec;
+  const scalar_t* g = data_of<scalar_t>(grad) + c.begin;
+  const scalar_t* v = data_of<scalar_t>(orthogonal) + c.begin;
+  return chunk_sums_redone<scalar_t, 2>(
+      c,
+      [&](int64_t i, auto count, std::array<Vec, 2>& lo, std::array<Vec, 2>& hi) {
+        Vec g_lo, g_hi, v_lo, v_hi;
+        IO::load(g + i, count, g_lo, g_hi);
+        IO::load(v + i, count, v_lo, v_hi);
+        lo[0] = g_lo * g_lo;
+        hi[0] = g_hi * g_hi;
+        lo[1] = v_lo * v_lo;
+        hi[1] = v_hi * v_hi;
+      },
+      [&](int64_t i, std::array<double, 2>& out) {
+        const auto x = static_cast<double>(static_cast<opmath_t>(g[i]));
+        const auto y = static_cast<double>(static_cast<opmath_t>(v[i]));
+        out[0] = x * x;
+        out[1] = y * y;
+      });
+}
+
+// orthogonals ← g − c·Δ (Δ = p − θ) and params ← θ over one chunk; c = 0: orthogonals ← g, bit for bit.
+template <typename scalar_t>
+void chunk_restore_orthogonal(const at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad,
+                              const at::Tensor& orthogonal, const Chunk& c, double coefficient) {
+  using IO = BlockIO<scalar_t>;
+  using opmath_t = typename IO::opmath_t;
+  using Vec = typename IO::Vec;
+  scalar_t* p = data_of<scalar_t>(param) + c.begin;
+  const scalar_t* b = data_of<scalar_t>(backup) + c.begin;
+  const scalar_t* g = data_of<scalar_t>(grad) + c.begin;
+  scalar_t* o = data_of<scalar_t>(orthogonal) + c.begin;
+  const auto coef = static_cast<opmath_t>(coefficient);
+  if (coef == opmath_t(0)) {  // (also a c that underflows the compute type: g − c·Δ = g)
+    std::memcpy(o, g, c.size * sizeof(scalar_t));
+    std::memcpy(p, b, c.size * sizeof(scalar_t));
+    return;
+  }
+  if (!std::isfinite(coef)) {  // a finite double c beyond fp32's range: each element in double (rare)
+    for (int64_t i = 0; i < c.size; ++i) {
+      const auto delta = static_cast<double>(static_cast<opmath_t>(p[i]) - static_cast<opmath_t>(b[i]));
+      o[i] = static_cast<scalar_t>(orthogonal_value(static_cast<double>(static_cast<opmath_t>(g[i])), delta,
+                                                    coefficient));
+      p[i] = b[i];
+    }
+    return;
+  }
+  for_each_block<IO::kBlock>(0, c.size, [&](int64_t i, auto count) {
+    Vec p_lo, p_hi, b_lo, b_hi, g_lo, g_hi;
+    IO::load(p + i, count, p_lo, p_hi);
+    IO::load(b + i, count, b_lo, b_hi);
+    IO::load(g + i, count, g_lo, g_hi);
+    IO::copy(p + i, b + i, count);  // θ, bit for bit (Δ is read)
+    IO::store(o + i, count, orthogonal_value(g_lo, p_lo - b_lo, coef), orthogonal_value(g_hi, p_hi - b_hi, coef));
+  });
+}
+
+// grads ← g + coef·v over one chunk (the caller skips the chunks of tensors whose coef is 0).
+template <typename scalar_t>
+void chunk_add_orthogonal(const at::Tensor& grad, const at::Tensor& orthogonal, const Chunk& c,
+                          double coefficient) {
+  using IO = BlockIO<scalar_t>;
+  using opmath_t = typename IO::opmath_t;
+  using Vec = typename IO::Vec;
+  scalar_t* g = data_of<scalar_t>(grad) + c.begin;
+  const scalar_t* v = data_of<scalar_t>(orthogonal) + c.begin;
+  const auto coef = static_cast<opmath_t>(coefficient);
+  if (!std::isfinite(coef)) {  // a finite double coef beyond fp32's range: each element in double (rare)
+    for (int64_t i = 0; i < c.size; ++i) {
+      g[i] = static_cast<scalar_t>(directed_value(static_cast<double>(static_cast<opmath_t>(g[i])),
+                                                  static_cast<double>(static_cast<opmath_t>(v[i])), coefficient));
+    }
+    return;
+  }
+  for_each_block<IO::kBlock>(0, c.size, [&](int64_t i, auto count) {
+    Vec g_lo, g_hi, v_lo, v_hi;
+    IO::load(g + i, count, g_lo, g_hi);
+    IO::load(v + i, count, v_lo, v_hi);
+    IO::store(g + i, count, directed_value(g_lo, v_lo, coef), directed_value(g_hi, v_hi, coef));
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // The ops.
 
 // After the contract, which puts every tensor on params[0]'s device: these kernels need that to be the CPU.
-void check_on_cpu(const char* op, at::TensorList params) {
-  TORCH_CHECK_VALUE(params.empty() || params[0].device().is_cpu(), "amp_fused.", op, ": params[0] is on ",
+void check_on_cpu(const char* op, at::TensorList params, const char* name = "params") {
+  TORCH_CHECK_VALUE(params.empty() || params[0].device().is_cpu(), "amp_fused.", op, ": ", name, "[0] is on ",
                     params[0].device(), ", but these are the CPU kernels: every tensor must be on the CPU");
 }
 
@@ -403,12 +626,133 @@ void restore_sgd_cpu(at::TensorList params, at::TensorList backups, at::TensorLi
   });
 }
 
+// Per tensor (per_tensor) or, for every tensor, over all of them: the K sums of each tensor from its chunks'
+// sums, in chunk order, then over the tensors in order.
+template <size_t K>
+std::vector<std::array<double, K>> governing_sums(const std::vector<Chunk>& chunks,
+                                                  const std::vector<std::array<double, K>>& chunk_values, int64_t n,
+                                                  bool per_tensor) {
+  std::vector<std::array<double, K>> sums(n, std::array<double, K>{});
+  for (size_t k = 0; k < chunks.size(); ++k) {
+    for (size_t j = 0; j < K; ++j) {
+      sums[chunks[k].tensor][j] += chunk_values[k][j];
+    }
+  }
+  if (!per_tensor) {
+    std::array<double, K> total{};
+    for (const auto& s : sums) {
+      for (size_t j = 0; j < K; ++j) {
+        total[j] += s[j];
+      }
+    }
+    std::fill(sums.begin(), sums.end(), total);
+  }
+  return sums;
+}
+
+at::Tensor norms_cpu(at::TensorList tensors) {
+  checks::check_norms(tensors);
+  check_on_cpu("norms", tensors, "tensors");
+  const auto n = static_cast<int64_t>(tensors.size());
+  const std::vector<Chunk> chunks = plan_chunks(tensors);
+  std::vector<std::array<double, 1>> chunk_values(chunks.size());
+  for_each_chunk(chunks, tensors, [&](int64_t k) {
+    const Chunk& c = chunks[k];
+    AMP_FUSED_DISPATCH(tensors[c.tensor].scalar_type(), "amp_fused::norms",
+                       [&] { chunk_values[k] = chunk_norm_sums<scalar_t>(tensors[c.tensor], c); });
+  });
+  const auto sums = governing_sums<1>(chunks, chunk_values, n, /*per_tensor=*/true);
+  at::Tensor norms = at::empty({n + 1}, tensors.empty() ? at::TensorOptions().dtype(at::kFloat)
+                                                        : tensors[0].options().dtype(at::kFloat));
+  float* out = norms.data_ptr<float>();
+  double total_sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = static_cast<float>(std::sqrt(sums[i][0]));
+    total_sum += sums[i][0];
+  }
+  out[n] = static_cast<float>(std::sqrt(total_sum));
+  return norms;
+}
+
+void restore_orthogonal_cpu(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                            at::TensorList orthogonals, bool per_tensor) {
+  checks::check_restore_orthogonal(params, backups, grads, orthogonals);
+  check_on_cpu("restore_orthogonal_", params);
+  const auto n = static_cast<int64_t>(params.size());
+  const std::vector<Chunk> chunks = plan_chunks(params);
+
+  // Pass 1: (Σ Δ·g, Σ Δ²) per chunk, redone in double where either is not finite.
+  std::vector<std::array<double, 2>> chunk_values(chunks.size());
+  for_each_chunk(chunks, params, [&](int64_t k) {
+    const Chunk& c = chunks[k];
+    AMP_FUSED_DISPATCH(params[c.tensor].scalar_type(), "amp_fused::restore_orthogonal_", [&] {
+      chunk_values[k] = chunk_orthogonal_sums<scalar_t>(params[c.tensor], backups[c.tensor], grads[c.tensor], c);
+    });
+  });
+  const auto sums = governing_sums<2>(chunks, chunk_values, n, per_tensor);
+  std::vector<double> coefficients(n);
+  for (int64_t i = 0; i < n; ++i) {
+    coefficients[i] = orthogonal_coefficient(sums[i][0], sums[i][1]);
+  }
+
+  // Pass 2: orthogonals ← g − c·Δ, params ← θ.
+  for_each_chunk(chunks, params, [&](int64_t k) {
+    const Chunk& c = chunks[k];
+    AMP_FUSED_DISPATCH(params[c.tensor].scalar_type(), "amp_fused::restore_orthogonal_", [&] {
+      chunk_restore_orthogonal<scalar_t>(params[c.tensor], backups[c.tensor], grads[c.tensor], orthogonals[c.tensor],
+                                         c, coefficients[c.tensor]);
+    });
+  });
+}
+
+void add_orthogonal_cpu(at::TensorList grads, at::TensorList orthogonals, double alpha, bool per_tensor) {
+  checks::check_add_orthogonal(grads, orthogonals, alpha);
+  check_on_cpu("add_orthogonal_", grads, "grads");
+  const auto n = static_cast<int64_t>(grads.size());
+  const std::vector<Chunk> chunks = plan_chunks(grads);
+
+  // Pass 1: (Σ g², Σ v²) per chunk, redone in double where either is not finite.
+  std::vector<std::array<double, 2>> chunk_values(chunks.size());
+  for_each_chunk(chunks, grads, [&](int64_t k) {
+    const Chunk& c = chunks[k];
+    AMP_FUSED_DISPATCH(grads[c.tensor].scalar_type(), "amp_fused::add_orthogonal_", [&] {
+      chunk_values[k] = chunk_direction_sums<scalar_t>(grads[c.tensor], orthogonals[c.tensor], c);
+    });
+  });
+  const auto sums = governing_sums<2>(chunks, chunk_values, n, per_tensor);
+  std::vector<double> coefficients(n);
+  for (int64_t i = 0; i < n; ++i) {
+    coefficients[i] = direction_coefficient(alpha, std::sqrt(sums[i][0]), std::sqrt(sums[i][1]));
+  }
+
+  // Pass 2: grads ← g + coef·v, over the chunks of tensors whose coef (in the compute type) is not 0: the others
+  // are neither read nor written.
+  std::vector<Chunk> moved;
+  moved.reserve(chunks.size());
+  for (const Chunk& c : chunks) {
+    const bool zero = grads[c.tensor].scalar_type() == at::kDouble ? coefficients[c.tensor] == 0.0
+                                                                  : static_cast<float>(coefficients[c.tensor]) == 0.0f;
+    if (!zero) {
+      moved.push_back(c);
+    }
+  }
+  for_each_chunk(moved, grads, [&](int64_t k) {
+    const Chunk& c = moved[k];
+    AMP_FUSED_DISPATCH(grads[c.tensor].scalar_type(), "amp_fused::add_orthogonal_", [&] {
+      chunk_add_orthogonal<scalar_t>(grads[c.tensor], orthogonals[c.tensor], c, coefficients[c.tensor]);
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(amp_fused, CPU, m) {
   m.impl("perturb_", &perturb_cpu);
   m.impl("restore_", &restore_cpu);
   m.impl("restore_sgd_", &restore_sgd_cpu);
+  m.impl("norms", &norms_cpu);
+  m.impl("restore_orthogonal_", &restore_orthogonal_cpu);
+  m.impl("add_orthogonal_", &add_orthogonal_cpu);
 }
 
 // A sparse tensor anywhere in a call dispatches it to a sparse key. The same kernels run there so that the
@@ -418,12 +762,18 @@ TORCH_LIBRARY_IMPL(amp_fused, SparseCPU, m) {
   m.impl("perturb_", &perturb_cpu);
   m.impl("restore_", &restore_cpu);
   m.impl("restore_sgd_", &restore_sgd_cpu);
+  m.impl("norms", &norms_cpu);
+  m.impl("restore_orthogonal_", &restore_orthogonal_cpu);
+  m.impl("add_orthogonal_", &add_orthogonal_cpu);
 }
 
 TORCH_LIBRARY_IMPL(amp_fused, SparseCsrCPU, m) {
   m.impl("perturb_", &perturb_cpu);
   m.impl("restore_", &restore_cpu);
   m.impl("restore_sgd_", &restore_sgd_cpu);
+  m.impl("norms", &norms_cpu);
+  m.impl("restore_orthogonal_", &restore_orthogonal_cpu);
+  m.impl("add_orthogonal_", &add_orthogonal_cpu);
 }
 
 }  // namespace amp_fused::cpu

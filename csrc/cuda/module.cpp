@@ -18,7 +18,8 @@ const char kBuildTag[] = "amp_fused-build-tag:torch=" TORCH_VERSION ";";
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "amp_fused CUDA kernels for torch.ops.amp_fused.perturb_, restore_ and restore_sgd_";
+  m.doc() = "amp_fused CUDA kernels for torch.ops.amp_fused.perturb_, restore_, restore_sgd_, norms, "
+          "restore_orthogonal_ and add_orthogonal_";
   // Elements per CUDA block: tests place tensor sizes at chunk boundaries with it.
   m.attr("CHUNK_SIZE") = amp_fused::cuda::kChunkSize;
   // Bytes per vector access (every dtype), and the launch tables' limits: tests size lists that fill several

@@ -244,31 +244,70 @@ int64_t for_each_launch(const std::vector<TensorSlot<Depth>>& tensors, int64_t f
 
 // ---- device side -------------------------------------------------------------------------------------
 
-// Sum over a block of Threads threads with a fixed reduction tree (deterministic). The result is valid
-// in thread 0. Call at most once per kernel (it owns one shared array) from every thread of the block.
-template <int Threads, typename T>
-__device__ __forceinline__ T block_sum(T value) {
+// K fp64 sums carried together through a reduction (the gradient-reuse ops reduce two per chunk: a dot
+// product and a squared norm, or two squared norms). A reducing functor returns a double (K = 1) or a Sums<K>.
+template <int K>
+struct Sums {
+  static_assert(K >= 1, "at least one sum");
+  double v[K];
+};
+
+template <typename T>
+struct SumCount {
+  static constexpr int value = 1;  // a plain double
+};
+template <int K>
+struct SumCount<Sums<K>> {
+  static constexpr int value = K;
+};
+
+AMP_FUSED_HD Sums<1> as_sums(double value) { return Sums<1>{{value}}; }
+template <int K>
+AMP_FUSED_HD Sums<K> as_sums(const Sums<K>& value) {
+  return value;
+}
+
+// Sum over a block of Threads threads of each of the K values, every one with the same fixed reduction tree
+// (deterministic). The result is valid in thread 0. Call at most once per kernel (it owns one shared array)
+// from every thread of the block.
+template <int Threads, int K>
+__device__ __forceinline__ Sums<K> block_sum(Sums<K> value) {
   static_assert(Threads % 32 == 0 && Threads <= 1024, "whole warps, at most 1024 threads");
   constexpr int kWarps = Threads / 32;
-  __shared__ T warp_sums[kWarps];
+  __shared__ double warp_sums[K][kWarps];
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) {
-    value += __shfl_down_sync(0xffffffffu, value, offset);
+  for (int k = 0; k < K; ++k) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+      value.v[k] += __shfl_down_sync(0xffffffffu, value.v[k], offset);
+    }
   }
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   if (lane == 0) {
-    warp_sums[warp] = value;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      warp_sums[k][warp] = value.v[k];
+    }
   }
   __syncthreads();
   if (warp == 0) {
-    value = lane < kWarps ? warp_sums[lane] : T(0);
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) {
-      value += __shfl_down_sync(0xffffffffu, value, offset);
+    for (int k = 0; k < K; ++k) {
+      value.v[k] = lane < kWarps ? warp_sums[k][lane] : 0.0;
+#pragma unroll
+      for (int offset = 16; offset > 0; offset /= 2) {
+        value.v[k] += __shfl_down_sync(0xffffffffu, value.v[k], offset);
+      }
     }
   }
   return value;
+}
+
+// One value: the same tree.
+template <int Threads>
+__device__ __forceinline__ double block_sum(double value) {
+  return block_sum<Threads>(Sums<1>{{value}}).v[0];
 }
 
 // Functor interface: `f(meta, block, thread)` does thread `thread`'s share of block `block`'s chunk. The
@@ -278,14 +317,19 @@ __global__ void __launch_bounds__(kBlockSize) apply_kernel(TensorListMetadata<De
   f(meta, static_cast<int>(blockIdx.x), static_cast<int>(threadIdx.x));
 }
 
-// A reducing functor returns its thread's partial sum; the block's total goes to its op-wide slot.
+// A reducing functor returns its thread's partial sums (a double or a Sums<K>); the block's totals go to its
+// op-wide slot: partials[(first_block_id + blockIdx.x) * K + k].
 template <int Depth, typename Functor>
 __global__ void __launch_bounds__(kBlockSize)
     reduce_kernel(TensorListMetadata<Depth> meta, Functor f, double* partials) {
-  const auto partial = f(meta, static_cast<int>(blockIdx.x), static_cast<int>(threadIdx.x));
-  const auto total = block_sum<kBlockSize>(partial);
+  auto partial = as_sums(f(meta, static_cast<int>(blockIdx.x), static_cast<int>(threadIdx.x)));
+  constexpr int K = SumCount<decltype(partial)>::value;
+  const Sums<K> total = block_sum<kBlockSize>(partial);
   if (threadIdx.x == 0) {
-    partials[meta.first_block_id + blockIdx.x] = static_cast<double>(total);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      partials[(meta.first_block_id + blockIdx.x) * K + k] = total.v[k];
+    }
   }
 }
 
@@ -306,8 +350,9 @@ void multi_tensor_apply(const std::vector<TensorSlot<Depth>>& tensors, const Fun
   });
 }
 
-// Runs the reducing functor f over every chunk of `tensors` on `stream`, writing one partial per chunk to
-// partials[first_block_id + k] (k enumerates the chunks in order); see for_each_launch for first_blocks.
+// Runs the reducing functor f over every chunk of `tensors` on `stream`, writing the K partials of chunk k
+// (k enumerates the chunks in order, from first_block_id) to partials[k * K .. k * K + K) (K = 1 for a
+// functor that returns a double); see for_each_launch for first_blocks.
 // Returns the number of chunks.
 template <int Depth, typename Functor>
 int64_t multi_tensor_reduce(const std::vector<TensorSlot<Depth>>& tensors, const Functor& f, double* partials,

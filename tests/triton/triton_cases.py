@@ -15,7 +15,8 @@ from amp_fused.triton.metadata import CHUNK
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 KERNEL_NAMES = ("perturb_sumsq_kernel", "perturb_scale_kernel", "perturb_apply_kernel", "restore_sgd_kernel",
-                "copy_kernel")
+                "copy_kernel", "pair_sums_kernel", "pair_scale_kernel", "restore_orthogonal_kernel",
+                "add_orthogonal_kernel")
 
 # Sizes at the edges of the program map and of the vector steps inside a program: one element, a 0-d
 # tensor, part of a step, one past a step, one short of / exactly / one past a chunk, and a tensor
