@@ -9,6 +9,7 @@ decides what to call when.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -27,6 +28,10 @@ class AMP(torch.optim.Optimizer):
     parameters always take the sharded backend); ``perturb_every``/``between`` the amortised schedule
     ("erm" or "reuse" steps between full ones); ``model`` with ``bn_stats="unperturbed"`` (BatchNorm statistics
     from the pass at θ only) or ``sync_ascent=False`` (DDP: ascent passes under ``no_sync()``);
+    ``reuse_alpha`` is α of the ``between="gradient"`` steps (LookSAM: the gradient at θ plus α·‖g‖ times the
+    unit part of the last full step's adversarial gradient orthogonal to Δ); ``perturb_every="adaptive"`` takes a
+    full step when ‖g‖² at θ is at least its moving mean + ``adaptive_threshold`` moving standard deviations
+    (decay ``adaptive_decay``; AE-SAM's trigger, one host sync per step), else a ``between`` step;
     ``base_kwargs`` go to the base optimizer, whose ``step`` must work without a closure. Param groups may set
     their own ``lr``, ``epsilon``, ``inner_lr`` and base options; each tensor may appear once. The README
     documents every argument.
@@ -38,8 +43,15 @@ class AMP(torch.optim.Optimizer):
 
     inner_iter = setting("inner_iter", lambda v: options.count("inner_iter", v, 0), "ascent steps N per batch")
     norm = setting("norm", lambda v: options.choice("norm", v, options.NORMS), "per-tensor or global ball")
-    perturb_every = setting("perturb_every", lambda v: options.count("perturb_every", v, 1), "schedule period")
+    perturb_every = setting("perturb_every", lambda v: options.period(v), "schedule period, or 'adaptive'")
     between = setting("between", lambda v: options.choice("between", v, options.BETWEEN), "in-between step kind")
+    reuse_alpha = setting("reuse_alpha", lambda v: options.hyper("reuse_alpha", v), "α of the 'gradient' steps")
+    adaptive_threshold = setting("adaptive_threshold", lambda v: options.real("adaptive_threshold", v),
+                                 "c of the adaptive trigger: a full step when ‖g‖² ≥ mean + c·std")
+    adaptive_decay = setting("adaptive_decay", lambda v: options.decay("adaptive_decay", v),
+                             "δ of the adaptive trigger's moving mean and variance")
+    last_step_kind = property(lambda self: self._amp.last_kind,
+                              doc="what the last step(closure) did: 'amp', 'erm', 'reuse' or 'gradient'")
     steps = setting("steps", lambda v: options.count("steps", v, 0), "step(closure) calls completed")
     backend = property(lambda self: self._amp.backend, doc="the backend asked for")
     model = property(lambda self: self._amp.model)
@@ -55,11 +67,15 @@ class AMP(torch.optim.Optimizer):
     _opt_called = setting("opt_called")
 
     def __init__(self, params, lr, epsilon, inner_lr=1.0, inner_iter=1, base_optimizer=torch.optim.SGD, *,
-                 norm="per_tensor", backend="auto", perturb_every=1, between="erm", model=None, bn_stats="all",
-                 sync_ascent=True, **base_kwargs):
+                 norm="per_tensor", backend="auto", perturb_every=1, between="erm", reuse_alpha=0.7,
+                 adaptive_threshold=0.5, adaptive_decay=0.9, model=None, bn_stats="all", sync_ascent=True,
+                 **base_kwargs):
         ascent = self._check_group(dict(epsilon=epsilon, inner_lr=inner_lr), "")
-        self._setup(params, ascent, base_optimizer, dict(lr=lr, **base_kwargs),
-                    options.settings(inner_iter, norm, perturb_every, between), backend, model, bn_stats, sync_ascent)
+        schedule = options.settings(inner_iter, norm, perturb_every=perturb_every, between=between,
+                                    reuse_alpha=reuse_alpha, adaptive_threshold=adaptive_threshold,
+                                    adaptive_decay=adaptive_decay)
+        self._setup(params, ascent, base_optimizer, dict(lr=lr, **base_kwargs), schedule, backend, model, bn_stats,
+                    sync_ascent)
 
     def _setup(self, params, ascent, base_optimizer, base_kwargs, settings, backend, model, bn_stats, sync_ascent):
         """The remaining checks, the state, the param groups and the base optimizer (AMP and SAM share this)."""
@@ -132,9 +148,8 @@ class AMP(torch.optim.Optimizer):
         training.check_closure(closure)
         self._amp.refuse_while_perturbed("step(closure)")
         s, closure = self._amp, torch.enable_grad()(closure)
+        options.schedule_pair(s.perturb_every, s.between)  # the two may have been set one after the other
         kind = self.next_step_kind()
-        s.keep_delta = kind == "amp" and s.between == "reuse" and s.perturb_every > 1
-        ascents = s.inner_iter if kind == "amp" else 0
         try:
             self.zero_grad()
             if kind == "reuse":
@@ -142,14 +157,24 @@ class AMP(torch.optim.Optimizer):
                 result = training.detached(training.forward_backward(closure, s, perturbed=True, ascent=False))
                 self._second_step(scaler)
             else:
-                result = training.detached(training.forward_backward(closure, s, perturbed=False,
-                                                                     ascent=ascents > 0))  # ∇L(θ)
+                # ∇L(θ); the adaptive trigger reads it (so every DDP rank syncs it: they must decide alike)
+                adaptive = s.perturb_every == options.ADAPTIVE
+                result = training.detached(training.forward_backward(
+                    closure, s, perturbed=False, ascent=kind == "amp" and s.inner_iter > 0 and not adaptive))
+                if adaptive:
+                    decided = self._trigger(scaler)
+                    kind = decided if kind == "adaptive" else kind
+                s.keep_delta = kind == "amp" and s.between == "reuse" and s.perturb_every != 1
+                s.keep_orthogonal = kind == "amp" and s.between == "gradient" and s.perturb_every != 1
+                if kind == "gradient":
+                    self._add_orthogonal()  # g + α·‖g‖·g_v/‖g_v‖
+                ascents = s.inner_iter if kind == "amp" else 0
                 for i in range(ascents):
                     self._first_step(scaler)  # θ + Δ
                     self.zero_grad()
                     training.forward_backward(closure, s, perturbed=True, ascent=i < ascents - 1)  # ∇L(θ + Δ)
                 if s.perturbed:
-                    self._second_step(scaler)  # θ, then the base step with the last g
+                    self._second_step(scaler)  # θ (keeping g_v for "gradient" steps), the base step with the last g
                 elif scaler is not None:
                     scaler.step(self.base_optimizer)
                 else:
@@ -158,16 +183,41 @@ class AMP(torch.optim.Optimizer):
             self._recover(error)  # never leave the parameters perturbed
             raise
         finally:
-            s.keep_delta = False
+            s.keep_delta = s.keep_orthogonal = False
         s.steps += 1
+        s.last_kind = kind
         return result
 
     def next_step_kind(self) -> str:
-        """What the next ``step(closure)`` does: ``"amp"`` (full), ``"erm"`` or ``"reuse"``."""
+        """What the next ``step(closure)`` does: ``"amp"`` (full), ``"erm"``, ``"reuse"`` or ``"gradient"``, or
+        ``"adaptive"``: decided from the gradient at θ (then :attr:`last_step_kind` says what it did)."""
         s = self._amp
-        if s.steps % s.perturb_every == 0 or (s.between == "reuse" and not s.reuse_delta):
+        if ((s.between == "reuse" and not s.reuse_delta) or (s.between == "gradient" and not s.orthogonals)
+                or s.perturb_every == 1):
             return "amp"  # a full step, or nothing to reuse yet (e.g. resumed from a plain base-optimizer state)
-        return s.between
+        if s.perturb_every == options.ADAPTIVE:
+            return "amp" if s.trigger_mean is None else "adaptive"
+        return "amp" if s.steps % s.perturb_every == 0 else s.between
+
+    def _trigger(self, scaler) -> str:
+        """AE-SAM's trigger from x = ‖g‖² at θ (unscaled): mean ← δ·mean + (1−δ)·x, var ← δ·var + (1−δ)·(x −
+        mean)², a full step when x ≥ mean + c·√var. One host sync (reading x). A non-finite x leaves the statistics
+        as they are and takes the cheaper step (a GradScaler then skips it)."""
+        s = self._amp
+        plan = self._plan(lambda p: p.grad is not None)
+        norms = plans.combined_norms([functional.norms(plans.gradients(part), backend=part.backend, validate=False)
+                                      for part in plan.parts])
+        norm = float(norms[-1]) * training.inverse_scale(scaler) if norms is not None else 0.0
+        x = norm * norm
+        if not math.isfinite(x):
+            return s.between
+        if s.trigger_mean is None:  # the first measurement: a full step
+            s.trigger_mean, s.trigger_var = x, 0.0
+            return "amp"
+        decay = s.adaptive_decay
+        s.trigger_mean = decay * s.trigger_mean + (1 - decay) * x
+        s.trigger_var = decay * s.trigger_var + (1 - decay) * (x - s.trigger_mean) ** 2
+        return "amp" if x >= s.trigger_mean + s.adaptive_threshold * math.sqrt(s.trigger_var) else s.between
 
     @training.eager_under_compile
     @torch.no_grad()
@@ -213,16 +263,57 @@ class AMP(torch.optim.Optimizer):
             for part in s.active.parts:
                 deltas = functional.perturbation(part.views, part.backups, backend=part.backend, validate=False)
                 s.reuse_delta.update(zip(part.params, deltas))
+        put_back = self._restore_keeping_orthogonal if s.keep_orthogonal else self._restore
         if scaler is not None:
             training.report_ascent_overflow(s.step_norms, self.param_groups)
-            self._restore()
+            put_back()
             scaler.step(base)
-        elif base_step.applies(base, s.active):
+        elif not s.keep_orthogonal and base_step.applies(base, s.active):
             base_step.step(base, s.active)
             s.end_perturbation()
         else:
-            self._restore()
+            put_back()
             base.step()
+
+    def _restore_keeping_orthogonal(self):
+        """θ back, and g_v (the part of the gradient at θ + Δ orthogonal to Δ) stored for the "gradient" steps,
+        in the same pass; norms per tensor or over all tensors, as the ascent's. g_v of parameters this step did
+        not perturb are dropped (they would be stale)."""
+        s = self._amp
+        active = {p for part in s.active.parts for p in part.params}
+        for p in [p for p in s.orthogonals if p not in active]:
+            del s.orthogonals[p]
+        calls = plans.op_calls(s.active, s.norm, lambda part: (
+            part.views, part.backups, plans.gradients(part), self._orthogonal_buffers(part)))
+        try:
+            for parts, (views, backups, grads, orthogonals), per_tensor in calls:
+                functional.restore_orthogonal_(views, backups, grads, orthogonals, per_tensor,
+                                               backend=parts[0].backend, validate=False)
+        except BaseException:
+            s.orthogonals.clear()  # partly written: the next step is a full one (the caller puts θ back)
+            raise
+        s.end_perturbation()
+
+    def _orthogonal_buffers(self, part) -> list:
+        """The g_v buffers of ``part``: kept from step to step, replaced when a parameter's layout changed."""
+        stored, buffers = self._amp.orthogonals, []
+        for p, view in zip(part.params, part.views):
+            buffer = stored.get(p)
+            if buffer is None or not plans.fits(buffer, view):
+                buffer = stored[p] = torch.empty_like(view)
+            buffers.append(buffer)
+        return buffers
+
+    def _add_orthogonal(self):
+        """A "gradient" step's gradient: g ← g + α·(‖g‖/‖g_v‖)·g_v, in place in ``.grad`` (what the base optimizer
+        steps with), norms per tensor or over all tensors as the ascent's."""
+        s = self._amp
+        plan = self._plan(lambda p: p.grad is not None and p in s.orthogonals)
+        calls = plans.op_calls(plan, s.norm, lambda part: (
+            plans.writable_gradients(part), [plans.like(s.orthogonals[p], v) for p, v in zip(part.params, part.views)]))
+        for parts, (grads, orthogonals), per_tensor in calls:
+            functional.add_orthogonal_(grads, orthogonals, s.reuse_alpha, per_tensor, backend=parts[0].backend,
+                                       validate=False)
 
     @training.eager_under_compile
     @torch.no_grad()
@@ -314,7 +405,7 @@ class AMP(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         """Load a state dict of this optimizer or of the plain base optimizer. As in torch.optim, the
-        checkpoint's settings win: ``inner_iter``, ``norm``, ``perturb_every`` and ``between`` become those saved."""
+        checkpoint's settings win: ``inner_iter``, ``norm`` and the schedule's settings become those saved."""
         self._amp.refuse_while_perturbed("load_state_dict()")
         state_dict = dict(state_dict)
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -335,6 +426,6 @@ class AMP(torch.optim.Optimizer):
 
     def __repr__(self):
         s = self._amp
-        schedule = f", perturb_every={s.perturb_every}, between={s.between!r}" if s.perturb_every > 1 else ""
+        schedule = f", perturb_every={s.perturb_every!r}, between={s.between!r}" if s.perturb_every != 1 else ""
         return (f"AMP(norm={s.norm!r}, inner_iter={s.inner_iter}, backend={s.backend!r}{schedule}, "
                 f"base_optimizer={self.base_optimizer!r})")

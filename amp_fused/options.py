@@ -12,7 +12,11 @@ import numbers
 import torch
 
 NORMS = ("per_tensor", "global")
-BETWEEN = ("erm", "reuse")
+BETWEEN = ("erm", "reuse", "gradient")
+ADAPTIVE = "adaptive"  # perturb_every: full steps when the gradient norm at θ is high (AE-SAM's trigger)
+# The schedule's settings and their defaults (AMP and SAM take them as keywords): LookSAM's α = 0.7; the
+# trigger's EMA decay δ = 0.9 and threshold c (full step when ‖g‖² ≥ mean + c·std).
+SCHEDULE_DEFAULTS = dict(perturb_every=1, between="erm", reuse_alpha=0.7, adaptive_threshold=0.5, adaptive_decay=0.9)
 BN_STATS = ("all", "unperturbed")
 
 
@@ -47,10 +51,53 @@ def choice(name: str, value, allowed) -> str:
     return value
 
 
-def settings(inner_iter, norm, perturb_every, between) -> dict:
-    """The settings a checkpoint carries, checked (construction and ``load_state_dict`` share this)."""
+def period(value):
+    """perturb_every: an int >= 1 or "adaptive"."""
+    if value == ADAPTIVE and isinstance(value, str):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"perturb_every must be an int >= 1 or {ADAPTIVE!r}, got {value!r}")
+    return int(value)
+
+
+def real(name: str, value) -> float:
+    """A finite real number (of either sign), as a float."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def decay(name: str, value) -> float:
+    """A number in [0, 1), as a float."""
+    value = hyper(name, value)
+    if value >= 1:
+        raise ValueError(f"{name} must be a finite number >= 0 and < 1, got {value!r}")
+    return value
+
+
+def schedule(perturb_every, between, reuse_alpha, adaptive_threshold, adaptive_decay) -> dict:
+    """The schedule's settings, checked alone and together."""
+    checked = dict(perturb_every=period(perturb_every), between=choice("between", between, BETWEEN),
+                   reuse_alpha=hyper("reuse_alpha", reuse_alpha),
+                   adaptive_threshold=real("adaptive_threshold", adaptive_threshold),
+                   adaptive_decay=decay("adaptive_decay", adaptive_decay))
+    schedule_pair(checked["perturb_every"], checked["between"])
+    return checked
+
+
+def schedule_pair(perturb_every, between) -> None:
+    if perturb_every == ADAPTIVE and between == "reuse":
+        raise ValueError("perturb_every='adaptive' decides each step from the gradient at θ, which a 'reuse' step "
+                         "never computes (its one pass is at θ + the last Δ); use between='erm' or 'gradient'")
+
+
+def settings(inner_iter, norm, **schedule_settings) -> dict:
+    """The settings a checkpoint carries, checked (construction and ``load_state_dict`` share this); the
+    schedule's settings missing from ``schedule_settings`` take their defaults."""
     return dict(inner_iter=count("inner_iter", inner_iter, 0), norm=choice("norm", norm, NORMS),
-                perturb_every=count("perturb_every", perturb_every, 1), between=choice("between", between, BETWEEN))
+                **schedule(**dict(SCHEDULE_DEFAULTS, **schedule_settings)))
 
 
 def backend(name) -> None:

@@ -160,6 +160,18 @@ def gradients(part: Part) -> list:
     return grads
 
 
+def writable_gradients(part: Part) -> list:
+    """The gradients of ``part`` for an op that writes them (every parameter of the part has one): each
+    ``.grad`` itself (complex ones as real views); one in another layout than its parameter is first replaced by
+    a copy in the parameter's layout, so that what the op writes is what the base optimizer reads."""
+    grads = gradients(part)
+    for p, g in zip(part.params, grads):
+        own = torch.view_as_real(p.grad) if p.is_complex() else p.grad
+        if g is not own and (g.data_ptr() != own.data_ptr() or g.stride() != own.stride()):
+            p.grad = torch.view_as_complex(g) if p.is_complex() else g  # g: a copy in the parameter's layout
+    return grads
+
+
 def check_one_ball(plan: Plan, ascent_args, group_keys) -> None:
     """``norm="global"`` projects one Δ: every part must project the same ball (the same ``ascent_args`` of its
     group: the settings ``group_keys`` name) and sit on one device."""
@@ -182,6 +194,16 @@ def perturb_calls(plan: Plan, norm: str, steps_of, ascent_args) -> list:
     if norm == "global" and calls:
         parts, params, steps, backups = ([x for call in calls for x in call[k]] for k in range(4))
         calls = [(parts, params, steps, backups, calls[0][4], False)]
+    return calls
+
+
+def op_calls(plan: Plan, norm: str, lists_of) -> list:
+    """The calls of an op over ``plan``: one per part, or (``norm="global"``) one over all of them.
+    ``lists_of(part)`` gives the part's lists. Each call: (parts, lists, per_tensor)."""
+    calls = [([part], lists_of(part), True) for part in plan.parts]
+    if norm == "global" and calls:
+        lists = tuple([t for call in calls for t in call[1][k]] for k in range(len(calls[0][1])))
+        calls = [([part for call in calls for part in call[0]], lists, False)]
     return calls
 
 

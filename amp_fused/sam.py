@@ -28,7 +28,7 @@ class SAM(AMP):
     """Sharpness-Aware Minimization around any base optimizer, a fused drop-in for davda54/sam's ``SAM``.
 
     ``SAM(params, base_optimizer, rho=0.05, adaptive=False, *, eta=0.0, backend, perturb_every, between, model,
-    bn_stats, sync_ascent, **kwargs)``: ``base_optimizer`` is the class (``torch.optim.SGD``, ``AdamW``, ...),
+    bn_stats, sync_ascent, **kwargs)`` (the schedule's keywords as well): ``base_optimizer`` is the class (``torch.optim.SGD``, ``AdamW``, ...),
     built here with ``kwargs``; ``rho`` the radius ρ of the sphere Δ is put on; ``adaptive`` ASAM's
     scale-invariant Δ with T = |θ| + ``eta`` (η = 0 as davda54/sam, the ASAM paper uses 0.01); the other
     keywords as in :class:`amp_fused.AMP`. ``rho``, ``adaptive`` and ``eta`` live in each param group (a
@@ -46,10 +46,12 @@ class SAM(AMP):
     norm = _fixed("norm", "'global'")
 
     def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, *, eta=0.0, backend="auto",
-                 perturb_every=1, between="erm", model=None, bn_stats="all", sync_ascent=True, **kwargs):
+                 perturb_every=1, between="erm", reuse_alpha=0.7, adaptive_threshold=0.5, adaptive_decay=0.9,
+                 model=None, bn_stats="all", sync_ascent=True, **kwargs):
         ascent = self._check_group(dict(rho=rho, adaptive=adaptive, eta=eta), "")
-        self._setup(params, ascent, base_optimizer, kwargs, options.settings(1, "global", perturb_every, between),
-                    backend, model, bn_stats, sync_ascent)
+        schedule = options.settings(1, "global", perturb_every=perturb_every, between=between, reuse_alpha=reuse_alpha,
+                                    adaptive_threshold=adaptive_threshold, adaptive_decay=adaptive_decay)
+        self._setup(params, ascent, base_optimizer, kwargs, schedule, backend, model, bn_stats, sync_ascent)
 
     @staticmethod
     def _check_group(group: dict, where: str = " in a param group") -> dict:
@@ -80,6 +82,6 @@ class SAM(AMP):
     def __repr__(self):
         s = self._amp
         group = self.param_groups[0] if self.param_groups else self.defaults
-        schedule = f", perturb_every={s.perturb_every}, between={s.between!r}" if s.perturb_every > 1 else ""
+        schedule = f", perturb_every={s.perturb_every!r}, between={s.between!r}" if s.perturb_every != 1 else ""
         return (f"SAM(rho={group['rho']:g}, adaptive={group['adaptive']}, eta={group['eta']:g}, "
                 f"backend={s.backend!r}{schedule}, base_optimizer={self.base_optimizer!r})")

@@ -24,18 +24,25 @@ def setting(name: str, check=None, doc: str = ""):
 class AmpState:
     """Settings (a checkpoint's settings win on load), progress and the plan of one AMP optimizer."""
 
-    def __init__(self, *, inner_iter, norm, perturb_every, between, backend, model, bn_stats, sync_ascent):
+    def __init__(self, *, inner_iter, norm, perturb_every, between, reuse_alpha, adaptive_threshold, adaptive_decay,
+                 backend, model, bn_stats, sync_ascent):
         # settings
         self.inner_iter, self.norm, self.perturb_every, self.between = inner_iter, norm, perturb_every, between
+        self.reuse_alpha, self.adaptive_threshold, self.adaptive_decay = reuse_alpha, adaptive_threshold, adaptive_decay
         self.backend, self.model, self.bn_stats, self.sync_ascent = backend, model, bn_stats, sync_ascent
         # progress
         self.steps = 0  # step(closure) calls completed; the schedule counts these
         self.ascents = 0  # ascents since θ was saved; > 0 means the parameters are perturbed
         self.active = None  # the plan being perturbed while ascents > 0
         self.keep_delta = False  # whether the restore stores Δ for the "reuse" steps that follow
+        self.keep_orthogonal = False  # whether the restore stores g_v for the "gradient" steps that follow
         self.step_norms = []  # the norms of every ascent of the current step
         self.last_norms = None  # fp32 norms of Δ from the last ascent, for logging
         self.reuse_delta = {}  # parameter -> Δ of the last full step (the "reuse" schedule)
+        self.orthogonals = {}  # parameter -> g_v of the last full step (the "gradient" schedule)
+        self.trigger_mean = None  # the adaptive trigger's EMA of ‖g‖² at θ (None: no step measured yet)
+        self.trigger_var = 0.0  # and its EMA of the squared deviation
+        self.last_kind = None  # what the last step(closure) did: "amp", "erm", "reuse" or "gradient"
         self.opt_called = False  # an optimizer step happened (torch's LRScheduler reads it as _opt_called)
         # scratch, rebuilt when needed
         self.plan = None  # the last plan built
@@ -56,33 +63,48 @@ class AmpState:
     def forget_plan(self) -> None:
         self.plan = None
 
+    SETTINGS = ("inner_iter", "norm", "perturb_every", "between", "reuse_alpha", "adaptive_threshold",
+                "adaptive_decay")
+
     def to_dict(self, params) -> dict:
-        """The state dict entry: settings, step count and stored Δ (by parameter index, as torch.optim does)."""
-        return {"inner_iter": self.inner_iter, "norm": self.norm, "perturb_every": self.perturb_every,
-                "between": self.between, "steps": self.steps,
-                "reuse_delta": {i: self.reuse_delta[p].clone() for i, p in enumerate(params) if p in self.reuse_delta}}
+        """The state dict entry: settings, progress (the step count, the trigger's statistics) and the stored Δ
+        and g_v (by parameter index, as torch.optim does)."""
+        entry = {name: getattr(self, name) for name in self.SETTINGS}
+        entry.update(steps=self.steps, trigger_mean=self.trigger_mean, trigger_var=self.trigger_var)
+        for name in ("reuse_delta", "orthogonals"):
+            stored = getattr(self, name)
+            entry[name] = {i: stored[p].clone() for i, p in enumerate(params) if p in stored}
+        return entry
 
     @staticmethod
     def checked_dict(entry):
         """A loaded entry with its settings checked (``None``: a plain base-optimizer state dict)."""
         if entry is None:
             return None
-        checked = options.settings(entry["inner_iter"], entry["norm"], entry.get("perturb_every", 1),
-                                   entry.get("between", "erm"))
+        checked = options.settings(entry["inner_iter"], entry["norm"],
+                                   **{k: entry[k] for k in AmpState.SETTINGS[2:] if k in entry})
         checked["steps"] = options.count("steps", entry.get("steps", 0), 0)
+        mean = entry.get("trigger_mean")
+        checked["trigger_mean"] = None if mean is None else options.hyper("trigger_mean", mean)
+        checked["trigger_var"] = options.hyper("trigger_var", entry.get("trigger_var", 0.0))
         checked["reuse_delta"] = dict(entry.get("reuse_delta", {}))
+        checked["orthogonals"] = dict(entry.get("orthogonals", {}))
         return checked
 
     def load_dict(self, entry, params) -> None:
         """Take a checked entry: as in torch.optim, the checkpoint's settings win."""
         self.forget_plan()
         self.reuse_delta.clear()
+        self.orthogonals.clear()
+        self.trigger_mean, self.trigger_var = None, 0.0
         if entry is None:
             return
-        for name in ("inner_iter", "norm", "perturb_every", "between", "steps"):
+        for name in self.SETTINGS + ("steps", "trigger_mean", "trigger_var"):
             setattr(self, name, entry[name])
-        for i, delta in entry["reuse_delta"].items():
-            self.reuse_delta[params[i]] = delta.to(device=params[i].device)
+        for name in ("reuse_delta", "orthogonals"):
+            stored = getattr(self, name)
+            for i, tensor in entry[name].items():
+                stored[params[i]] = tensor.to(device=params[i].device)
 
     def __getstate__(self):
         self.refuse_while_perturbed("copying or pickling AMP")

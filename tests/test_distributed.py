@@ -146,6 +146,28 @@ def single_process_sam(adaptive, rho=SAM_RHO):
     return [p.detach().clone() for p in model.parameters()]
 
 
+# The toward-ERM schedules: the adaptive trigger deciding from ‖g‖² at θ (every rank must decide alike) and the
+# "gradient" steps' g_v, whose dots and norms must be those of the full tensors under FSDP2.
+SCHEDULE = dict(perturb_every="adaptive", between="gradient", adaptive_threshold=-0.5, adaptive_decay=0.5)
+SCHEDULE_STEPS = 8
+
+
+def schedule_batches(step):
+    return batches()[step % STEPS]
+
+
+def single_process_schedule(norm, **schedule):
+    """The adaptive/gradient schedule in this process on the concatenated batches: parameters and step kinds."""
+    model = mlp()
+    opt = AMP(model.parameters(), lr=LR, epsilon=EPSILON, inner_lr=INNER_LR, momentum=MOMENTUM, norm=norm,
+              **dict(SCHEDULE, **schedule))
+    kinds = []
+    for step in range(SCHEDULE_STEPS):
+        opt.step(loss_closure(model, *concatenated(schedule_batches(step))))
+        kinds.append(opt.last_step_kind)
+    return [p.detach().clone() for p in model.parameters()], kinds
+
+
 def max_difference(a, b):
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
@@ -194,6 +216,29 @@ def _train_sam_fsdp(rank, mesh, adaptive):
     for shards_of_step in batches():
         opt.step(loss_closure(model, *shards_of_step[rank]))
     return [p.full_tensor() for p in model.parameters()]
+
+
+def _train_schedule(rank, norm, mesh=None):
+    """The schedule under DDP (``mesh`` None; ascents unsynced, which the trigger's pass at θ overrides) or FSDP2."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    if mesh is None:
+        model = DistributedDataParallel(mlp())
+        extra = dict(model=model, sync_ascent=False)
+    else:
+        model = mlp()
+        for module in (model[0], model[2], model):
+            fully_shard(module, mesh=mesh)
+        extra = {}
+    opt = AMP(model.parameters(), lr=LR, epsilon=EPSILON, inner_lr=INNER_LR, momentum=MOMENTUM, norm=norm,
+              **SCHEDULE, **extra)
+    kinds = []
+    for step in range(SCHEDULE_STEPS):
+        opt.step(loss_closure(model, *schedule_batches(step)[rank]))
+        kinds.append(opt.last_step_kind)
+    params = model.module.parameters() if mesh is None else (p.full_tensor() for p in model.parameters())
+    return {"params": [p.detach().clone() for p in params], "kinds": kinds}
 
 
 def _train_fsdp(rank, mesh, norm):
@@ -316,6 +361,9 @@ def _run_all_scenarios(rank, port, out_dir, backends):
         for adaptive in (False, True):
             results["sam-ddp", adaptive] = _train_sam_ddp(rank, adaptive)
             results["sam-fsdp", adaptive] = _train_sam_fsdp(rank, mesh, adaptive)
+        for norm in NORMS:
+            results["schedule-ddp", norm] = _train_schedule(rank, norm)
+            results["schedule-fsdp", norm] = _train_schedule(rank, norm, mesh)
         results["dtensor"] = _dtensor_ops(mesh)
         results["dtensor_2d"] = _dtensor_ops_2d()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -460,3 +508,18 @@ def test_sam_under_ddp_and_fully_shard_equals_single_process_sam(worker_results,
         assert_all_close(worker_results[rank]["sam-fsdp", adaptive], expected)
     assert max_difference(expected, single_process_sam(adaptive, rho=0.0)) > FAR  # the ascent mattered
     assert max_difference(expected, single_process_sam(not adaptive)) > FAR
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_adaptive_gradient_schedule_under_ddp_and_fully_shard_equals_one_process(worker_results, norm):
+    """Every rank takes the same decisions as one process on the concatenated batch (the trigger reads the synced
+    gradient at θ, even with sync_ascent=False), and under FSDP2 g_v's dots and norms are the full tensors'."""
+    expected, kinds = single_process_schedule(norm)
+    assert "amp" in kinds and "gradient" in kinds
+    for rank in range(WORLD):
+        for scenario in ("schedule-ddp", "schedule-fsdp"):
+            result = worker_results[rank][scenario, norm]
+            assert result["kinds"] == kinds, scenario
+            assert_all_close(result["params"], expected)
+    # the reused direction mattered: the same decisions stepping with the plain gradient end elsewhere
+    assert max_difference(expected, single_process_schedule(norm, reuse_alpha=0.0)[0]) > FAR

@@ -289,7 +289,8 @@ def test_state_dict_is_interchangeable_with_plain_sgd():
     opt.step(closure_for(model, batch))
     state = opt.state_dict()
     assert state["amp"] == {"inner_iter": 1, "norm": "per_tensor", "perturb_every": 1, "between": "erm", "steps": 1,
-                            "reuse_delta": {}}
+                            "reuse_alpha": 0.7, "adaptive_threshold": 0.5, "adaptive_decay": 0.9,
+                            "trigger_mean": None, "trigger_var": 0.0, "reuse_delta": {}, "orthogonals": {}}
     assert set(state["state"]) == set(range(4)) and all("momentum_buffer" in s for s in state["state"].values())
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sgd.load_state_dict(state)

@@ -240,7 +240,7 @@ def test_groups_with_different_balls_are_refused_before_anything_moves():
     (dict(rho=math.nan), r"^rho must be a finite number >= 0, got nan$"),
     (dict(adaptive=1), r"^adaptive must be True or False, got 1$"),
     (dict(adaptive=True, eta=-1.0), r"^eta must be a finite number >= 0, got -1.0$"),
-    (dict(between="sometimes"), r"^between must be one of 'erm', 'reuse', got 'sometimes'$"),
+    (dict(between="sometimes"), r"^between must be one of 'erm', 'reuse', 'gradient', got 'sometimes'$"),
     (dict(backend="nope"), r"^backend must be one of "),
 ])
 def test_bad_arguments_name_the_argument(kwargs, message):
