@@ -191,6 +191,9 @@ def main(argv=None) -> int:
         result["triad"] = optimizer_step.bandwidth_summary(bandwidths)
         optimizer_rows = result["optimizer_step"] = optimizer_step.to_json(rows, statistics.median(bandwidths))
         print(report.optimizer_step_text(optimizer_rows, result["triad"]) + "\n", flush=True)
+        schedule_rows = result["optimizer_step_schedules"] = optimizer_step.schedule_json(
+            rows, statistics.median(bandwidths))
+        print(report.schedule_steps_text(schedule_rows) + "\n", flush=True)
     if "train_step" in config.sections:
         fastest, why = pick_fastest(config, optimizer_rows)
         rows = train_step.measure(config.models, config.backends, fastest, config.device, config.rounds,

@@ -13,6 +13,12 @@ bandwidth of a triad (a = b + s·c, counted as 3·4 B per element) measured in t
 Neither count includes write-allocate reads: the triad's write-only stream makes it move 16 B per 12
 counted, the AMP step's two write-only streams (the backup; θ in restore_sgd_) 48 B per 40, so an AMP step
 that streams at the triad's DRAM throughput comes in near 0.9x the floor.
+
+The steps the toward-ERM schedules add (:data:`SCHEDULE_STEPS`) are timed in the same rounds, each against its own
+floor: a full step of ``between="gradient"`` (perturb_, then restore_orthogonal_: it reads θ+Δ, θ and g for ⟨Δ, g⟩
+and ‖Δ‖², then again to write g_v and θ: 20 + 32 B), a step between (add_orthogonal_: g and g_v for the norms, then
+again to write g: 20 B), and the adaptive trigger's norms of g (4 B). Their base-optimizer step is torch.optim.SGD's
+own (the SGD row's 20 B), not part of these rows.
 """
 from __future__ import annotations
 
@@ -34,6 +40,11 @@ TRIAD_BYTES_PER_ELEMENT = 12
 # What the hardware moves when a write-only stream first reads each line it writes (write-allocate).
 AMP_BYTES_MOVED_PER_PARAM = 48
 TRIAD_BYTES_MOVED = 16
+# step -> bytes per fp32 parameter it cannot avoid moving (see the module docstring)
+SCHEDULE_STEPS = {"gradient_full": 52, "gradient_between": 20, "trigger_norms": 4}
+# α of the timed add_orthogonal_: each call adds α‖g‖ to g in place, so a small α keeps the repeated calls' data
+# (and so their cost) the same; any α != 0 runs the same arithmetic.
+STATIONARY_ALPHA = 1e-6
 STEP_ARGS = dict(epsilon=0.05, inner_lr=1.0, lr=0.01, momentum=0.9, dampening=0.0, weight_decay=5e-4,
                  nesterov=True, maximize=False)
 
@@ -107,7 +118,31 @@ class FusedSGDStep:
         self.optimizer.step()  # the first call (the warm-up) creates the momentum buffers
 
 
-def bytes_per_step(backend: str, numel: int) -> int:
+class ScheduleStep:
+    """One of :data:`SCHEDULE_STEPS` with one backend, on its own parameters and buffers."""
+
+    def __init__(self, step: str, backend: str, shapes, grads: list[torch.Tensor], device, seed: int = 1):
+        self.step, self.ops = step, backends.resolve(backend, torch.device(device).type)
+        gen = torch.Generator().manual_seed(seed)
+        self.params = random_tensors(shapes, 0.1, gen, device)
+        self.backups = [torch.empty_like(p) for p in self.params]
+        self.orthogonals = random_tensors(shapes, 0.01, gen, device)
+        self.grads = [g.clone() for g in grads] if step == "gradient_between" else grads  # written there
+
+    def __call__(self) -> None:
+        a = STEP_ARGS
+        if self.step == "gradient_full":
+            self.ops.perturb_(self.params, self.grads, self.backups, a["epsilon"], a["inner_lr"], True, True)
+            self.ops.restore_orthogonal_(self.params, self.backups, self.grads, self.orthogonals, True)
+        elif self.step == "gradient_between":
+            self.ops.add_orthogonal_(self.grads, self.orthogonals, STATIONARY_ALPHA, True)
+        else:
+            self.ops.norms(self.grads)
+
+
+def bytes_per_step(backend: str, numel: int, step: str = "amp") -> int:
+    if step != "amp":
+        return SCHEDULE_STEPS[step] * numel
     return (SGD_BYTES_PER_PARAM if backend == SGD_FUSED else AMP_BYTES_PER_PARAM) * numel
 
 
@@ -135,10 +170,11 @@ class Row:
     timing: Timing
     ops: int
     syncs: int
+    step: str = "amp"  # or one of SCHEDULE_STEPS
 
     @property
     def bytes(self) -> int:
-        return bytes_per_step(self.backend, self.numel)
+        return bytes_per_step(self.backend, self.numel, self.step)
 
 
 def count_dispatches(fn) -> tuple[int, int]:
@@ -163,18 +199,26 @@ def measure(param_sets, backend_names, device="cpu", rounds: int = 3, min_run_ti
         grads = random_tensors(shapes, 0.01, torch.Generator().manual_seed(0), device)  # only read: shared
         steps: dict[str, Callable[[], None]] = {name: AMPStep(name, shapes, grads, device) for name in backend_names}
         steps[SGD_FUSED] = FusedSGDStep(shapes, grads, device)
-        timings = time_interleaved({"triad": triad, **steps}, rounds, min_run_time, label=f"optimizer_step {set_name}")
+        schedule_steps = {(kind, name): ScheduleStep(kind, name, shapes, grads, device)
+                          for kind in SCHEDULE_STEPS for name in backend_names}
+        timings = time_interleaved({"triad": triad, **steps, **{f"{k} {n}": v for (k, n), v in schedule_steps.items()}},
+                                   rounds, min_run_time, label=f"optimizer_step {set_name}")
         bandwidths.append(triad.bandwidth(timings.pop("triad").median))
         for name, step in steps.items():
             ops, syncs = count_dispatches(step)
             rows.append(Row(set_name, len(shapes), numel, name, timings[name], ops, syncs))
+        for (kind, name), step in schedule_steps.items():
+            ops, syncs = count_dispatches(step)
+            rows.append(Row(set_name, len(shapes), numel, name, timings[f"{kind} {name}"], ops, syncs, kind))
         del steps, grads
     return rows, bandwidths
 
 
 # -- report ----------------------------------------------------------------------------------------------------
-def to_json(rows: list[Row], bandwidth: float) -> list[dict]:
-    """The section's JSON rows; ``bandwidth`` (bytes/s) sets each row's floor."""
+def to_json(rows: list[Row], bandwidth: float, step: str = "amp") -> list[dict]:
+    """The section's JSON rows of ``step`` ("amp": the AMP step and sgd_fused; or one of SCHEDULE_STEPS);
+    ``bandwidth`` (bytes/s) sets each row's floor."""
+    rows = [r for r in rows if r.step == step]
     reference = {r.param_set: r.timing.median for r in rows if r.backend == "reference"}
     out = []
     for r in rows:
@@ -188,7 +232,14 @@ def to_json(rows: list[Row], bandwidth: float) -> list[dict]:
             "samples": r.timing.samples, "bytes_per_step": r.bytes, "triad_fraction": floor / seconds,
             "speedup_vs_reference": reference[r.param_set] / seconds if r.param_set in reference else None,
         })
+        if step != "amp":
+            out[-1]["step"] = step
     return out
+
+
+def schedule_json(rows: list[Row], bandwidth: float) -> list[dict]:
+    """The rows of the schedules' steps, each against its own floor."""
+    return [row for step in SCHEDULE_STEPS for row in to_json(rows, bandwidth, step)]
 
 
 def bandwidth_summary(bandwidths: list[float]) -> dict:

@@ -394,18 +394,34 @@ class RunKind:
 
     @property
     def period(self) -> int:
-        return int(self.options.get("perturb_every", 1)) if self.amp else 1
+        return schedule_period(self.amp_options) if self.amp else 1
+
+    @property
+    def adaptive(self) -> bool:
+        return self.amp and self.options.get("perturb_every") == ADAPTIVE
 
     @property
     def passes(self) -> float:
-        """Forward/backward passes per step, averaged over the cycle (the cost estimate behind the ETA)."""
+        """Forward/backward passes per step, averaged over the cycle (the cost estimate behind the ETA; an
+        adaptive kind counted at the trigger's nominal share of full steps)."""
         if not self.amp:
             return 1.0
         full = 1 + int(self.options.get("inner_iter", 1))
+        if self.adaptive:
+            return 1 + NOMINAL_FULL_SHARE * (full - 1)
         return (full + (self.period - 1)) / self.period
 
 
 RUN_KINDS: dict[str, RunKind] = {}
+ADAPTIVE = "adaptive"
+NOMINAL_FULL_SHARE = 0.3  # for the progress bar only
+
+
+def schedule_period(amp_options) -> int:
+    """Steps per cycle of a schedule's step times: perturb_every, and for the adaptive trigger 2 (its cost is
+    timed with full and cheap steps alternating, see :func:`measure_cost`)."""
+    every = dict(amp_options).get("perturb_every", 1)
+    return 2 if every == ADAPTIVE else int(every)
 
 
 def register(kind: RunKind) -> RunKind:
@@ -415,9 +431,10 @@ def register(kind: RunKind) -> RunKind:
     return kind
 
 
-def schedule_kind(perturb_every: int, between: str, norm: str = "selected") -> RunKind:
+def schedule_kind(perturb_every, between: str, norm: str = "selected") -> RunKind:
     suffix = "" if norm == "selected" else f"-{norm}"
-    return RunKind(f"amp-k{perturb_every}-{between}{suffix}", True, norm,
+    every = "adaptive" if perturb_every == ADAPTIVE else f"k{perturb_every}"
+    return RunKind(f"amp-{every}-{between}{suffix}", True, norm,
                    tuple(sorted({"perturb_every": perturb_every, "between": between}.items())))
 
 
@@ -425,21 +442,31 @@ register(RunKind("erm", amp=False))
 for _norm in NORMS:
     register(RunKind(f"amp-{_norm}", True, _norm))
 for _k in (2, 4, 8):
-    for _between in ("erm", "reuse"):
+    for _between in ("erm", "reuse", "gradient"):
         register(schedule_kind(_k, _between))
+for _between in ("erm", "gradient"):  # the trigger decides from the gradient at θ, which "reuse" never takes
+    register(schedule_kind(ADAPTIVE, _between))
+# LookSAM's α beside its default 0.7: the reuse adds α‖g‖ along a stale unit direction, while AMP's own g_v at a
+# small ε is far shorter than ‖g‖ (α is chosen per task on the validation NLL of these runs, never on test)
+REUSE_ALPHAS = (0.05, 0.2)
+for _alpha in REUSE_ALPHAS:
+    register(RunKind(f"amp-k4-gradient-a{_alpha:g}", True, "selected",
+                     tuple(sorted({"perturb_every": 4, "between": "gradient", "reuse_alpha": _alpha}.items()))))
 
-_SCHEDULE_NAME = re.compile(r"amp-k(\d+)-(erm|reuse)(?:-(per_tensor|global))?")
+_SCHEDULE_NAME = re.compile(r"amp-(?:k(\d+)|(adaptive))-(erm|reuse|gradient)(?:-(per_tensor|global))?")
 
 
 def kind_named(name: str) -> RunKind:
-    """A registered kind, or a schedule named amp-k<K>-<erm|reuse>[-<norm>] (K >= 2) made on the spot."""
+    """A registered kind, or a schedule named amp-k<K>-<erm|reuse|gradient>[-<norm>] (K >= 2) or
+    amp-adaptive-<erm|gradient>[-<norm>] made on the spot."""
     if name in RUN_KINDS:
         return RUN_KINDS[name]
     match = _SCHEDULE_NAME.fullmatch(name)
-    if match is None or int(match[1]) < 2:
+    if match is None or (match[1] is not None and int(match[1]) < 2) or (match[2] and match[3] == "reuse"):
         raise ValueError(f"{name!r} is not a run kind: use one of {', '.join(RUN_KINDS)} or "
-                         "amp-k<K>-<erm|reuse>[-per_tensor|-global] with K >= 2")
-    return schedule_kind(int(match[1]), match[2], match[3] or "selected")
+                         "amp-k<K>-<erm|reuse|gradient>[-per_tensor|-global] with K >= 2, or "
+                         "amp-adaptive-<erm|gradient>[-per_tensor|-global]")
+    return schedule_kind(ADAPTIVE if match[2] else int(match[1]), match[3], match[4] or "selected")
 
 
 # -- one training run ----------------------------------------------------------------------------------------
@@ -545,7 +572,7 @@ def train_run(config: RunConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=task.epochs * steps_per_epoch)
     batch_order = torch.Generator().manual_seed(config.seed)  # the same batches for every run of this seed
     step = _make_step(model, optimizer, config.amp)
-    step_times, train_loss, diverged = [], [], False
+    step_times, train_loss, diverged, full_steps = [], [], False, 0
     for _epoch in range(task.epochs):
         model.train()
         order = torch.randperm(len(split.train), generator=batch_order)
@@ -557,6 +584,7 @@ def train_run(config: RunConfig) -> dict:
             began_step = time.perf_counter()
             loss = step(split.x[batch], split.y[batch])
             step_times.append(time.perf_counter() - began_step)
+            full_steps += config.amp and optimizer.last_step_kind == "amp"
             loss_sum += loss.double() * len(at)
             scheduler.step()
         train_loss.append(loss_sum.item() / len(order))
@@ -568,13 +596,16 @@ def train_run(config: RunConfig) -> dict:
     if diverged or not math.isfinite(val["nll"]):
         diverged = True
         val["nll"] = test["nll"] = math.inf
-    period = int(dict(config.amp_options).get("perturb_every", 1)) if config.amp else 1
+    adaptive = config.amp and RunKind("x", True, config.norm, config.amp_options).adaptive
+    period = schedule_period(config.amp_options) if config.amp and not adaptive else 1
     return {
         "key": config.key(), "config": _config_json(config), "label": config.label,
         "val": val, "test": test, "diverged": diverged, "train_loss": train_loss,
-        "steps": len(step_times),
-        "train_ms_per_step": 1e3 * amortised_step_time(step_times, period, steps_per_epoch)
-        if len(step_times) >= period else None,
+        "steps": len(step_times), "full_steps": int(full_steps),
+        # an adaptive kind's full steps fall anywhere: its mean step after the first epoch
+        "train_ms_per_step": (1e3 * statistics.fmean(step_times[steps_per_epoch:] or step_times) if adaptive else
+                              1e3 * amortised_step_time(step_times, period, steps_per_epoch)
+                              if len(step_times) >= period else None),
         "wall_s": time.perf_counter() - began,
     }
 
@@ -599,9 +630,13 @@ class CostConfig:
     rounds: int
     cycles: int
     backend: str = "auto"
+    full_share: float | None = None  # adaptive kinds: the share of full steps in the final runs
 
     def key(self) -> str:
-        text = json.dumps({"version": CACHE_VERSION, "what": "cost", **asdict(self)}, sort_keys=True, default=str)
+        fields = asdict(self)
+        if fields["full_share"] is None:
+            del fields["full_share"]  # the keys of the fixed schedules' costs stay as they were
+        text = json.dumps({"version": CACHE_VERSION, "what": "cost", **fields}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -612,12 +647,17 @@ def measure_cost(config: CostConfig) -> dict:
     is its median step. ``ratio`` is the median over rounds of the round's quotient (each round's own medians, so a
     slow spell of the machine reaches both sides of a quotient alike), ``ratio_lo``/``ratio_hi`` their range;
     ``ratio_pooled`` is the quotient of the medians over all rounds. For ERM itself this is an A/A check: how far
-    from 1 the instrument reads when nothing differs."""
+    from 1 the instrument reads when nothing differs.
+
+    An adaptive kind (``full_share`` set) is timed with the trigger's decision forced to alternate full and cheap
+    steps (the trigger still measures ‖g‖² and syncs each step, as in training); its cost weighs the full step's
+    median by ``full_share`` (measured in the final runs) and the cheap step's by the rest."""
     task = config.task
     split = make_split(task.dataset, task.sizes, 0)
     run = RunConfig(task, 0, "cost", config.amp, config.epsilon, config.inner_lr, config.norm, config.amp_options,
                     config.backend)
-    period = int(dict(config.amp_options).get("perturb_every", 1)) if config.amp else 1
+    period = schedule_period(config.amp_options) if config.amp else 1
+    weights = [1 / period] * period if config.full_share is None else [config.full_share, 1 - config.full_share]
     steps = period * max(config.cycles, -(-16 // period))
     gen = torch.Generator().manual_seed(0)
     batches = [split.train[torch.randint(len(split.train), (task.batch_size,), generator=gen)] for _ in range(steps)]
@@ -626,6 +666,8 @@ def measure_cost(config: CostConfig) -> dict:
         torch.manual_seed(0)
         model = MODELS[task.model]()
         optimizer = _build_optimizer(replace(run, amp=amp), model)
+        if amp and config.full_share is not None:
+            force_alternating_trigger(optimizer)
         model.train()
         contenders[name] = _make_step(model, optimizer, amp)
     times = {"erm": [[] for _ in range(period)], "kind": [[] for _ in range(period)]}
@@ -646,15 +688,27 @@ def measure_cost(config: CostConfig) -> dict:
         for name, positions in this_round.items():
             for i, ts in enumerate(positions):
                 times[name][i].extend(ts)
-        kind_t = statistics.fmean(statistics.median(ts) for ts in this_round["kind"] if ts)
+        kind_t = sum(w * statistics.median(ts) for w, ts in zip(weights, this_round["kind"]))
         erm_t = statistics.median(this_round["erm"][0])
         per_round.append(kind_t / erm_t)
-    kind_ms = 1e3 * statistics.fmean(statistics.median(ts) for ts in times["kind"] if ts)
+    kind_ms = 1e3 * sum(w * statistics.median(ts) for w, ts in zip(weights, times["kind"]))
     erm_ms = 1e3 * statistics.median(times["erm"][0])
     return {"key": config.key(), "ms_per_step": kind_ms, "erm_ms_per_step": erm_ms,
             "ratio": statistics.median(per_round), "ratio_lo": min(per_round), "ratio_hi": max(per_round),
             "ratio_pooled": kind_ms / erm_ms, "per_round": per_round, "rounds": config.rounds,
             "steps_per_round": steps, "position_ms": [1e3 * statistics.median(ts) for ts in times["kind"] if ts]}
+
+
+def force_alternating_trigger(optimizer) -> None:
+    """Make an adaptive AMP optimizer's trigger take a full step on even steps and its cheap kind on odd ones (it
+    still measures ‖g‖² and updates its statistics first): the cost measurement's instrument."""
+    measure = optimizer._trigger
+
+    def trigger(scaler):
+        measure(scaler)
+        return "amp" if optimizer.steps % 2 == 0 else optimizer.between
+
+    optimizer._trigger = trigger
 
 
 # -- the cache -----------------------------------------------------------------------------------------------
@@ -753,9 +807,14 @@ def final_configs(task: Task, plan: Plan, selection: dict, kinds: list[RunKind],
     return out
 
 
-def cost_config(task: Task, plan: Plan, run: RunConfig) -> CostConfig:
+def cost_config(task: Task, plan: Plan, run: RunConfig, full_share: float | None = None) -> CostConfig:
     return CostConfig(task, run.amp, run.epsilon, run.inner_lr, run.norm, run.amp_options, plan.cost_rounds,
-                      plan.cost_cycles, run.backend)
+                      plan.cost_cycles, run.backend, full_share)
+
+
+def full_share(records: list[dict]) -> float:
+    """The share of full steps over ``records`` (an adaptive kind's final runs), rounded to 3 digits."""
+    return round(sum(r["full_steps"] for r in records) / sum(r["steps"] for r in records), 3)
 
 
 # -- the study -----------------------------------------------------------------------------------------------
@@ -893,7 +952,8 @@ def run_study(plan: Plan, cache: Cache, kinds: list[RunKind] | None = None, jobs
 
     # Cost, with the pool gone: every kind against ERM, interleaved, in this process.
     costs: dict[str, dict] = {}
-    cost_todo = [(task, kind.name, cost_config(task, plan, finals[task.name][kind.name][0]))
+    cost_todo = [(task, kind.name, cost_config(task, plan, finals[task.name][kind.name][0], full_share(
+        [records[c.key()] for c in finals[task.name][kind.name]]) if kind.adaptive else None))
                  for task in plan.tasks for kind in kinds]
     cost_bar = Progress(len(cost_todo), progress, "cost (interleaved with ERM)")
     for task, name, cc in cost_todo:
@@ -979,6 +1039,8 @@ def summarise_task(task: Task, grid: list[dict], final: dict[str, list[dict]], s
             row[metric] = mean_interval(values)
             row[f"delta_{metric}"] = paired_difference(values, [_value(r["test"][metric]) for r in erm])
         row["cost"] = costs[name]
+        if RunKind("x", True, None, tuple(sorted(rs[0]["config"]["amp_options"].items()))).adaptive:
+            row["full_share"] = full_share(rs)
         row["train_ms_per_step"] = mean_interval(r["train_ms_per_step"] for r in rs if r["train_ms_per_step"])
         runs[name] = row
     reference = "amp-" + selection["schedule_norm"] if selection["schedule_norm"] else None
@@ -1024,6 +1086,8 @@ def task_table(summary: dict) -> str:
     for name, row in summary["runs"].items():
         cost = row["cost"]
         point = row["label"].replace("amp ", "")
+        if row.get("full_share") is not None:
+            point += f", full {100 * row['full_share']:.0f}%"
         rows.append([name + (" *" if row["diverged"] else ""), point, fmt_interval(row["error"], 100, 1),
                      fmt_interval(row["nll"], 1, 3), fmt_interval(row["ece"], 100, 1),
                      "" if name == "erm" else fmt_interval(row["delta_error"], 100, 1, True),
@@ -1148,36 +1212,67 @@ def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
     return front
 
 
+def _style(kind: str, index: int) -> dict:
+    """A run kind's colour (20 distinct) and a marker by family: exact AMP and ERM, erm, reuse, gradient, adaptive."""
+    marker = ("v" if "adaptive" in kind else "D" if "gradient" in kind else "^" if "reuse" in kind
+              else "s" if "-k" in kind else "o")
+    return dict(color=f"C{index % 10}" if index < 10 else ("tab:olive", "tab:cyan", "navy", "maroon", "gold", "lime",
+                                                           "indigo", "teal", "salmon", "k")[index % 10], marker=marker)
+
+
 def plot_cost_quality(study: dict, path: Path) -> Path:
     """Per task: x = cost (x ERM, range over rounds), y = ΔNLL against ERM (mean, 95% paired interval); the Pareto
-    front of the means joined."""
+    front of the means joined. The y range fits the kinds whose intervals are near 0; a kind far above it is drawn
+    at the top edge (an open marker) with its mean written beside it."""
     tasks = study["tasks"]
-    cols = min(3, len(tasks))
-    rows_n = -(-len(tasks) // cols)
+    cols = 3
+    rows_n = -(-(len(tasks) + 1) // cols)  # one panel more: the legend
     fig, axes = _figure(rows_n, cols, 4.6, 3.6)
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
+    handles = {}
     for ax, (name, summary) in zip(axes.flat, tasks.items()):
-        points = []
+        points, rows = [], []
         for i, (kind, row) in enumerate(summary["runs"].items()):
-            d, c = row["delta_nll"], row["cost"]
+            d = row["delta_nll"]
             if d["mean"] is None or not math.isfinite(d["mean"]):
                 continue
+            rows.append((i, kind, row))
+        his = sorted(row["delta_nll"]["hi"] if row["delta_nll"]["hi"] is not None else row["delta_nll"]["mean"]
+                     for _, _, row in rows)
+        los = [row["delta_nll"]["lo"] if row["delta_nll"]["lo"] is not None else row["delta_nll"]["mean"]
+               for _, _, row in rows]
+        top = max(3 * his[len(his) // 2], 0.01) if his else 0.01  # three times the median upper end
+        bottom = min(min(los, default=0.0), 0.0)
+        pad = 0.08 * (top - bottom)
+        for i, kind, row in rows:
+            d, c = row["delta_nll"], row["cost"]
             x = 1.0 if kind == "erm" else c["ratio"]
             points.append((kind, x, d["mean"]))
-            yerr = [[d["mean"] - d["lo"]], [d["hi"] - d["mean"]]] if d["lo"] is not None else None
+            style = _style(kind, i)
             xerr = None if kind == "erm" else [[c["ratio"] - c["ratio_lo"]], [c["ratio_hi"] - c["ratio"]]]
-            ax.errorbar(x, d["mean"], yerr=yerr, xerr=xerr, fmt="o", ms=4, color=f"C{i % 10}", capsize=2,
-                        label=kind)
+            if d["mean"] > top:
+                ax.errorbar(x, top, xerr=xerr, fmt=style["marker"], ms=5, mfc="none", color=style["color"], capsize=2)
+                ax.annotate(f"{d['mean']:+.2f}", (x, top), fontsize=6, color=style["color"], xytext=(3, -8),
+                            textcoords="offset points")
+                handle = ax.errorbar([], [], fmt=style["marker"], ms=4, color=style["color"])
+            else:
+                yerr = [[d["mean"] - d["lo"]], [d["hi"] - d["mean"]]] if d["lo"] is not None else None
+                handle = ax.errorbar(x, d["mean"], yerr=yerr, xerr=xerr, fmt=style["marker"], ms=4,
+                                     color=style["color"], capsize=2)
+            handles.setdefault(kind, handle)
         front = pareto_front(points)
         fp = sorted((p for p in points if p[0] in front), key=lambda p: p[1])
-        ax.plot([p[1] for p in fp], [p[2] for p in fp], "k--", lw=1, label="Pareto front")
+        handles.setdefault("Pareto front", ax.plot([p[1] for p in fp], [p[2] for p in fp], "k--", lw=1)[0])
         ax.scatter([p[1] for p in fp], [p[2] for p in fp], s=90, facecolors="none", edgecolors="k")
         ax.axhline(0, color="0.5", lw=0.8)
+        ax.set_ylim(bottom - pad, top + pad)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("wall time per step, x ERM")
         ax.set_ylabel("Δ test NLL vs ERM (paired)")
-        ax.legend(fontsize=6, ncol=2)
+    legend_ax = list(axes.flat)[len(tasks)]
+    legend_ax.legend(list(handles.values()), list(handles.keys()), fontsize=7, ncol=2, loc="center",
+                     title="open marker at the top: mean beyond the axis", title_fontsize=7)
     fig.suptitle(f"cost against quality ({study['plan']['final_seeds']} seeds; bars: 95% paired t interval, "
                  "cost range over interleaved rounds)", fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)

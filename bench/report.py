@@ -64,13 +64,27 @@ def optimizer_step_text(rows: list[dict], triad: dict) -> str:
     return head + "\n" + format_table(columns, cells)
 
 
+def schedule_steps_text(rows: list[dict]) -> str:
+    """The schedules' optimizer-side steps, each against its own floor (bench.optimizer_step.SCHEDULE_STEPS)."""
+    head = ("optimizer_step, the schedules' steps: gradient_full = perturb_ + restore_orthogonal_ (52 B/param), "
+            "gradient_between = add_orthogonal_ (20 B/param),\ntrigger_norms = norms of g (4 B/param); floors at the "
+            "same triad bandwidth; their base step (torch.optim.SGD) is not included")
+    columns = [("set", "<"), ("step", "<"), ("backend", "<"), ("ms", ">"), ("IQR ms", ">"), ("floor ms", ">"),
+               ("x floor", ">"), ("GB/s", ">"), ("ops/step", ">"), ("syncs/step", ">")]
+    cells = [[r["params"], r["step"], r["backend"], fmt_ms(r["ms"]), fmt_ms(r["iqr_ms"]), fmt_ms(r["floor_ms"]),
+              f"{r['ms'] / r['floor_ms']:.2f}", f"{r['gbps']:.1f}", str(r["ops_per_step"]), str(r["syncs_per_step"])]
+             for r in rows]
+    return head + "\n" + format_table(columns, cells)
+
+
 def train_step_text(rows: list[dict], fastest_note: str) -> str:
-    head = ("train_step: forward + backward + optimizer, ms per step (mean over a period of 4 steps);\n"
+    head = ("train_step: forward + backward + optimizer, ms per step (cycle: mean over a period of 4 steps; full, "
+            "between: that kind of step alone; adaptive: forced to one full step in 4);\n"
             f"ERM = torch.optim.SGD(fused=True); AMP's fastest backend here: {fastest_note}")
-    columns = [("model", "<"), ("input", "<"), ("batch", ">"), ("mode", "<"), ("backend", "<"), ("ms/step", ">"),
-               ("IQR ms", ">"), ("x ERM", ">")]
-    cells = [[r["model"], "x".join(map(str, r["input"])), str(r["batch"]), r["mode"], r["backend"], fmt_ms(r["ms"]),
-              fmt_ms(r["iqr_ms"]), f"{r['ratio_vs_erm']:.2f}"] for r in rows]
+    columns = [("model", "<"), ("input", "<"), ("batch", ">"), ("mode", "<"), ("step", "<"), ("backend", "<"),
+               ("ms/step", ">"), ("IQR ms", ">"), ("x ERM", ">")]
+    cells = [[r["model"], "x".join(map(str, r["input"])), str(r["batch"]), r["mode"], r["step"], r["backend"],
+              fmt_ms(r["ms"]), fmt_ms(r["iqr_ms"]), f"{r['ratio_vs_erm']:.2f}"] for r in rows]
     return head + "\n" + format_table(columns, cells)
 
 
@@ -137,7 +151,8 @@ def plot(path: Path, optimizer_rows: list[dict] | None, train_rows: list[dict] |
             ax.set_ylabel("ms per step (log)")
         else:
             by_group = {g: [r for r in rows if r["model"] == g] for g in groups}
-            keys = list(dict.fromkeys(f"{r['mode']} ({r['backend']})" for r in rows))
+            by_group = {g: [r for r in rs if r.get("step", "cycle") == "cycle"] for g, rs in by_group.items()}
+            keys = list(dict.fromkeys(f"{r['mode']} ({r['backend']})" for rs in by_group.values() for r in rs))
             extents = _grouped_bars(ax, groups, by_group, lambda r: f"{r['mode']} ({r['backend']})",
                                     dict(zip(keys, palette)))
             for g in groups:

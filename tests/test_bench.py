@@ -95,6 +95,27 @@ def test_optimizer_step_rows_are_consistent(optimizer_run):
     assert rows[0]["speedup_vs_reference"] == 1.0
 
 
+def test_optimizer_step_times_the_schedules_steps_against_their_floors(optimizer_run):
+    stdout, result, _ = optimizer_run
+    rows = result["optimizer_step_schedules"]
+    names = result["config"]["backends"]
+    floors = {"gradient_full": 52, "gradient_between": 20, "trigger_norms": 4}  # B per fp32 parameter (docstring)
+    assert [(r["step"], r["backend"]) for r in rows] == [(step, name) for step in floors for name in names]
+    triad_bytes_per_s = result["triad"]["gbps"] * 1e9
+    for r in rows:
+        for key, kind in OPTIMIZER_KEYS.items():
+            assert isinstance(r[key], kind), (key, r[key])
+        step_bytes = floors[r["step"]] * r["numel"]
+        assert r["bytes_per_step"] == step_bytes
+        assert r["floor_ms"] * 1e-3 == pytest.approx(step_bytes / triad_bytes_per_s, rel=1e-9)
+        check_quartiles(r)
+    by_step = {(r["step"], r["backend"]): r for r in rows}
+    for name in names:
+        if name != "reference":  # fused and foreach: as many dispatched ops for 300 tensors as for a few
+            assert by_step["trigger_norms", name]["ops_per_step"] < 30
+    assert "x floor" in stdout and "gradient_between" in stdout
+
+
 def test_optimizer_step_counts_one_step(optimizer_run):
     """The counts are of exactly one step: compared with counts taken here on lists of other lengths."""
     _, result, _ = optimizer_run
@@ -133,15 +154,17 @@ def test_train_step_rows(tmp_path):
     result = json.loads((tmp_path / "t.json").read_text())
     assert "optimizer_step" not in result and result["train_step_fastest_backend"] == "foreach"
     rows = result["train_step"]
-    assert [(r["mode"], r["backend"]) for r in rows] == [
-        ("erm", "sgd_fused"), ("amp", "reference"), ("amp", "foreach"), ("amp-k4-erm", "foreach"),
-        ("amp-k4-reuse", "foreach")]
+    schedules = ["amp-k4-erm", "amp-k4-reuse", "amp-k4-gradient", "amp-adaptive-erm", "amp-adaptive-gradient"]
+    assert [(r["mode"], r["backend"], r["step"]) for r in rows] == [
+        ("erm", "sgd_fused", "cycle"), ("amp", "reference", "cycle"), ("amp", "foreach", "cycle")] + [
+        (mode, "foreach", step) for mode in schedules for step in ("cycle", "full", "between")]
     erm_ms = rows[0]["ms"]
     for r in rows:
         for key, kind in TRAIN_KEYS.items():
             assert isinstance(r[key], kind), (key, r[key])
         assert (r["model"], r["batch"], r["input"]) == ("digits_cnn", 64, [1, 8, 8])
         assert r["ratio_vs_erm"] == pytest.approx(r["ms"] / erm_ms, rel=1e-9) and math.isfinite(r["ms"])
+        assert r["steps_per_sample"] == (4 if r["step"] == "cycle" else 1)
         check_quartiles(r)
     assert rows[0]["ratio_vs_erm"] == 1.0
     assert "x ERM" in stdout and stdout.count("digits_cnn  ") == len(rows)

@@ -106,11 +106,16 @@ def test_run_kind_registry_and_names():
     assert list(quality.RUN_KINDS)[:3] == ["erm", "amp-per_tensor", "amp-global"]
     schedules = {(k.options["perturb_every"], k.options["between"]) for k in quality.RUN_KINDS.values()
                  if "perturb_every" in k.options}
-    assert schedules == {(k, b) for k in (2, 4, 8) for b in ("erm", "reuse")}
+    assert schedules == ({(k, b) for k in (2, 4, 8) for b in ("erm", "reuse", "gradient")}
+                         | {("adaptive", "erm"), ("adaptive", "gradient")})
     assert quality.kind_named("amp-k16-reuse").options == {"perturb_every": 16, "between": "reuse"}
+    assert quality.kind_named("amp-adaptive-gradient-global").options == {"perturb_every": "adaptive",
+                                                                           "between": "gradient"}
+    adaptive = quality.kind_named("amp-adaptive-erm")
+    assert adaptive.adaptive and adaptive.period == 2 and not quality.kind_named("amp-k4-erm").adaptive
     assert quality.kind_named("amp-k4-erm-global").norm == "global"
     assert quality.kind_named("amp-k4-reuse").passes == pytest.approx(1.25)
-    for bad in ("sam", "amp-k1-erm", "amp-k2-sgd"):
+    for bad in ("sam", "amp-k1-erm", "amp-k2-sgd", "amp-adaptive-reuse"):
         with pytest.raises(ValueError, match="is not a run kind"):
             quality.kind_named(bad)
     with pytest.raises(ValueError, match="norm must be"):
@@ -506,3 +511,36 @@ def test_spiral_classes_are_two_interleaved_arms():
     assert torch.minimum(arm, 2 * math.pi - arm).max() < 1e-4
 
 
+
+
+def test_adaptive_kinds_record_their_full_steps_and_weigh_their_cost_by_them():
+    """An adaptive kind's runs count their full steps; its cost is timed with the trigger forced to alternate
+    (so both kinds of step are measured) and weighs the full step's median by the share the runs took."""
+    task = TINY.tasks[1]
+    kind = quality.kind_named("amp-adaptive-erm")
+    config = quality.RunConfig(task, 0, "final", True, 0.1, 1.0, "global", kind.amp_options)
+    record = quality.train_run(config)
+    assert 1 <= record["full_steps"] < record["steps"]  # the first step is full, and not every one is
+    share = quality.full_share([record, record])
+    assert share == round(record["full_steps"] / record["steps"], 3)
+
+    model = quality.MODELS[task.model]()
+    optimizer = quality._build_optimizer(config, model)
+    quality.force_alternating_trigger(optimizer)
+    step = quality._make_step(model, optimizer, True)
+    split = quality.make_split(task.dataset, task.sizes, 0)
+    kinds = []
+    for i in range(6):
+        batch = split.train[i * 4:(i + 1) * 4]
+        step(split.x[batch], split.y[batch])
+        kinds.append(optimizer.last_step_kind)
+    assert kinds == ["amp", "erm"] * 3
+
+    cost = quality.measure_cost(quality.CostConfig(task, True, 0.1, 1.0, "global", kind.amp_options, rounds=1,
+                                                   cycles=1, full_share=0.25))
+    assert len(cost["position_ms"]) == 2
+    assert cost["ms_per_step"] == pytest.approx(0.25 * cost["position_ms"][0] + 0.75 * cost["position_ms"][1])
+    other_share = quality.CostConfig(task, True, 0.1, 1.0, "global", kind.amp_options, rounds=1, cycles=1,
+                                     full_share=0.5)
+    assert other_share.key() != quality.CostConfig(task, True, 0.1, 1.0, "global", kind.amp_options, rounds=1,
+                                                   cycles=1, full_share=0.25).key()
