@@ -33,6 +33,12 @@ ptxas_report = load("ptxas_report")
 gpu_bandwidth = load("gpu_bandwidth")
 gpu_stress = load("gpu_stress")
 gpu_check_util = load("gpu_check_util")
+REUSE_OPS = ("norms", "restore_orthogonal_", "add_orthogonal_")
+
+
+def base_backend():
+    """What the dry run tests: the cpu backend, or its stand-in where a checkout's CPU kernels lag."""
+    return gpu_check_util.dry_backend()[0]
 
 
 def run_check(*args, python=sys.executable, timeout=240, out=None):
@@ -65,7 +71,7 @@ def test_dry_run_passes_and_prints_the_table_last(dry_run):
     assert status["env"] == status["build"] == status["stress"] == status["bandwidth"] == "PASS"
     assert status["sanitizer"] == "SKIP" and status["cuda-tests"] == "SKIP"  # not selected
     assert lines[-1].startswith("overall: PASS")
-    assert "31/31 checks passed" in done.stdout  # the stress cases on the cpu backend
+    assert "58/58 checks passed" in done.stdout  # the stress cases on the cpu backend (or its stand-in)
     assert "no spills" in done.stdout  # the build step's ptxas parser sample
 
 
@@ -80,9 +86,17 @@ def test_dry_run_output_files_fit_the_runner(dry_run):
     stress = json.loads((out / "stress.json").read_text())
     assert stress["failed"] == 0 and stress["passed"] == len(stress["results"]) > 0
     assert any("2147487745" in line for line in stress["would_run_on_gpu"])  # says what it runs on a GPU
+    ran = {r["op"].split()[0] for r in stress["results"]}
+    assert set(REUSE_OPS) <= ran  # the gradient-reuse ops ran in the stress cases
+    cases = {r["case"].split()[0] for r in stress["results"] if r["op"].startswith("restore_orthogonal_")}
+    assert cases == {"overlap", "unaligned", "many", "huge"}
     bandwidth = json.loads((out / "bandwidth.json").read_text())
-    assert {r["backend"] for r in bandwidth["rows"]} == {"cpu", "foreach", "sgd_fused"}
+    expected = {"foreach", "sgd_fused"} | ({"cpu"} if base_backend() == "cpu" else set())
+    assert {r["backend"] for r in bandwidth["rows"]} == expected
     assert all("gpu_ms" in r for r in bandwidth["rows"]), [r for r in bandwidth["rows"] if "gpu_ms" not in r]
+    reuse = {(r["set"], r["dtype"], r["backend"], r["op"]) for r in bandwidth["rows"] if r["op"] in REUSE_OPS}
+    assert reuse == {(s, d, b, op) for s in ("one_256M", "vit_b_16") for d in ("fp32", "bf16")
+                     for b in expected - {"sgd_fused"} for op in REUSE_OPS}
 
 
 def test_a_failing_step_fails_the_run_and_still_prints_the_table(tmp_path):
@@ -162,6 +176,9 @@ def test_bytes_moved_per_op():
     assert gpu_bandwidth.bytes_moved("perturb_", 1000, 4) == 20000  # g twice, θ; θ+Δ, backup
     assert gpu_bandwidth.bytes_moved("restore_sgd_", 1000, 2) == 10000  # backup, grad, momentum; param, momentum
     assert gpu_bandwidth.bytes_moved("sgd_step", 2**28, 4) == 5 * 2**30
+    assert gpu_bandwidth.bytes_moved("norms", 1000, 4) == 4000  # reads only
+    assert gpu_bandwidth.bytes_moved("restore_orthogonal_", 1000, 4) == 32000  # 12 for the sums + 20 to apply
+    assert gpu_bandwidth.bytes_moved("add_orthogonal_", 1000, 4) == 20000  # g, v twice; g
 
 
 def test_rates_and_fractions():
@@ -198,6 +215,32 @@ def test_targets_and_headline():
     assert ok["triton fp32 restore_sgd_ on vit_b_16: host < GPU"] is False  # 150 µs > 100 µs
     line = gpu_bandwidth.headline(report)
     assert "cuda 3.40TB/s 85%" in line and "triton 2.60TB/s 65%" in line and "targets met 4/8" in line
+    assert "orthogonal" not in line  # the gradient-reuse ops were not measured
+    for op in REUSE_OPS:  # their rows get targets of their own, and a part of the headline
+        nbytes = gpu_bandwidth.bytes_moved(op, 2**28, 4)
+        report["rows"].append({"set": "one_256M", "dtype": "fp32", "backend": "cuda", "op": op, "bytes": nbytes,
+                               "gpu_ms": nbytes / 3000e9 * 1e3, "gbps": 3000.0, "fraction": 0.75, "host_us": 20.0})
+    report["targets"] = gpu_bandwidth.evaluate_targets(report)
+    ok = {t["target"]: t["ok"] for t in report["targets"]}
+    assert ok["cuda fp32 restore_orthogonal_ on one_256M ≥ 80% of copy"] is False  # 75 %
+    line = gpu_bandwidth.headline(report)
+    assert line.startswith("one_256M fp32 perturb_+restore_sgd_: cuda 3.40TB/s 85%")  # as before
+    assert "norms+restore_orthogonal_+add_orthogonal_: cuda 3.00TB/s 75%" in line and "targets met 4/11" in line
+
+
+def test_restore_orthogonal_timing_sees_the_same_delta_every_call():
+    shapes = [(100,), (37,)]
+    sets = [gpu_bandwidth.make_inputs(shapes, torch.float32, "cpu", torch.Generator().manual_seed(0), reuse=True)]
+    fn = gpu_bandwidth.reuse_fns("foreach", sets)["restore_orthogonal_"]
+    theta = [b.clone() for b in sets[0]["backups"]]
+    outs = []
+    for i in range(3):
+        fn.prepare(i)
+        assert all(not torch.equal(p, t) for p, t in zip(sets[0]["params"], theta))  # Δ ≠ 0 before each call
+        fn(i)
+        assert all(torch.equal(p, t) for p, t in zip(sets[0]["params"], theta))
+        outs.append([o.clone() for o in sets[0]["orthogonals"]])
+    assert all(torch.equal(a, b) for a, b in zip(outs[1], outs[2]))  # stationary
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="needs torchvision")
@@ -218,8 +261,33 @@ class Broken:
     def __init__(self, fault):
         from amp_fused import backends
 
-        self.inner = backends.get("cpu")
+        base = base_backend()
+        self.inner = backends.get(base) if isinstance(base, str) else base
         self.fault = fault
+
+    def __getattr__(self, op):  # the ops without a fault planted here
+        if op in ("inner", "fault"):
+            raise AttributeError(op)
+        return getattr(self.inner, op)
+
+    def norms(self, tensors):
+        norms = self.inner.norms(tensors)
+        if self.fault == "norms_total_off":
+            norms[-1] *= 1.001
+        return norms
+
+    def restore_orthogonal_(self, params, backups, grads, orthogonals, per_tensor):
+        self.inner.restore_orthogonal_(params, backups, grads, orthogonals, per_tensor)
+        if self.fault == "orthogonal_last_chunk_unwritten":
+            big = max(orthogonals, key=torch.Tensor.numel)
+            big.view(-1)[-5:] = float("nan")  # the poison a chunk the kernel skipped keeps
+
+    def add_orthogonal_(self, grads, orthogonals, alpha, per_tensor):
+        self.inner.add_orthogonal_(grads, orthogonals, alpha, per_tensor)
+        if self.fault == "non_finite_v_reaches_g":
+            for g, v in zip(grads, orthogonals):
+                if v.numel() and not bool(torch.isfinite(v).all()):
+                    g.add_(v)
 
     def unavailable_reason(self):
         return None
@@ -265,6 +333,10 @@ def small_lists(seed=0):
     ("scale_off", ["perturb_ first, per-tensor", "perturb_ later, global", "perturb_ later, per-tensor"]),
     ("momentum_int32_wrap", ["restore_sgd_ first step, nesterov, wd",
                              "restore_sgd_ momentum, dampening, wd, maximize"]),
+    ("norms_total_off", ["norms"]),
+    ("orthogonal_last_chunk_unwritten", ["restore_orthogonal_ per-tensor, Δ = 0 in some",
+                                         "restore_orthogonal_ global"]),
+    ("non_finite_v_reaches_g", ["add_orthogonal_ per-tensor, v = 0 / NaN in some"]),
 ])
 def test_stress_harness_catches_a_broken_backend(fault, ops, one_thread):
     case = gpu_stress.Case("many", Broken(fault), small_lists(), torch.float64, torch.Generator().manual_seed(1),
@@ -288,14 +360,17 @@ def test_stress_harness_catches_a_write_past_a_view(one_thread):
 
 
 def test_stress_harness_passes_the_cpu_backend(one_thread):
-    case = gpu_stress.Case("many", "cpu", small_lists(), torch.float64, torch.Generator().manual_seed(1), "cpu")
+    case = gpu_stress.Case("many", base_backend(), small_lists(), torch.float64, torch.Generator().manual_seed(1),
+                           "cpu")
     case.sequence()
-    assert failed_ops(case.results) == [] and len(case.results) == 6
+    assert failed_ops(case.results) == [] and len(case.results) == 11
 
 
 def test_overlap_case_needs_the_error_before_any_write(one_thread):
-    results = gpu_stress.case_overlap("cpu", "cpu", torch.Generator().manual_seed(0))
-    assert len(results) == 8 and all(r["ok"] for r in results)
+    results = gpu_stress.case_overlap(base_backend(), "cpu", torch.Generator().manual_seed(0))
+    assert len(results) == 17 and all(r["ok"] for r in results)
+    assert sum(r["op"].startswith(("restore_orthogonal_", "add_orthogonal_")) for r in results) == 8
+    assert any(r["op"].startswith("norms of overlapping") for r in results)  # reads only: no error
 
 
 # -- small helpers -------------------------------------------------------------------------------------------------

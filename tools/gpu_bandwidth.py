@@ -14,7 +14,12 @@ step alone, the floor-like reference) × dtype (fp32, bf16) × parameter set:
 ``50M_1000``      one 50M-element tensor and 1,000 small ones
 
 it measures ``perturb_`` (first ascent, per-tensor norm, ε 0.05, ζ 1) and ``restore_sgd_`` (lr 0.01, momentum
-0.9, nesterov, weight decay 5e-4: bench's STEP_ARGS), each on its own:
+0.9, nesterov, weight decay 5e-4: bench's STEP_ARGS), each on its own. Then, after all of those (so the time
+budget cuts these first), the gradient-reuse ops on ``one_256M`` and ``vit_b_16`` (REUSE_SETS), both dtypes,
+every backend but ``sgd_fused``: ``norms`` of the grads, ``restore_orthogonal_`` per-tensor (params ← θ + Δ
+from a stored Δ list before each call, outside the timed span: after a call params are θ exactly, so every call
+sees the same Δ ≠ 0) and ``add_orthogonal_`` per-tensor with α 1e-6 (each call grows g by at most 1 + α, so
+repeated calls stay stationary):
 
 * GPU ms per op: the median of per-call CUDA event pairs, recorded back to back behind a ``torch.cuda._sleep``
   so the host runs ahead and the GPU never waits for it; calls rotate over several input sets when one set
@@ -26,11 +31,13 @@ it measures ``perturb_`` (first ascent, per-tensor norm, ε 0.05, ζ 1) and ``re
 * bytes moved per op (BYTES below) and GB/s = bytes / GPU time, and that as a fraction of the copy ceiling.
 
 Targets printed beside the results: ``cuda`` ≥ 80 % and ``triton`` ≥ 70 % of the ceiling on ``one_256M``, and
-host time per call below GPU time per op on ``vit_b_16`` (the GPU, not Python, is then the bottleneck).
+host time per call below GPU time per op on ``vit_b_16`` (the GPU, not Python, is then the bottleneck), for every
+op measured there (the gradient-reuse ops' rows get the same targets).
 Missing a target is reported, not an error: the exit status is 1 only when a measurement failed.
 
-``--dry-run``: CPU tensors at tiny sizes, the ``cpu`` and ``foreach`` backends (and sgd_fused), timed with
-time.perf_counter, launches counted as dispatched aten ops: exercises this script without a GPU.
+``--dry-run``: CPU tensors at tiny sizes, the ``cpu`` and ``foreach`` backends (and sgd_fused; without ``cpu``
+where it is unavailable), timed with time.perf_counter, launches counted as dispatched aten ops: exercises this
+script without a GPU.
 """
 from __future__ import annotations
 
@@ -45,8 +52,10 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+TOOLS = Path(__file__).resolve().parent
+for _path in (REPO, TOOLS):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
 
@@ -59,7 +68,16 @@ from bench.optimizer_step import STEP_ARGS, many_small_shapes  # noqa: E402
 #   perturb_      first ascent: reads g for the norms, then g and θ again to apply; writes θ + Δ and the backup
 #   restore_sgd_  reads the backup, the grad and the momentum buffer; writes the param and the momentum buffer
 #   sgd_step      torch.optim.SGD(fused=True) with momentum: reads param, grad, momentum; writes param, momentum
-BYTES = {"copy": (1, 1), "perturb_": (3, 2), "restore_sgd_": (3, 2), "sgd_step": (3, 2)}
+#   norms         reads the tensors once, writes nothing (fp32: 4 B per element)
+#   restore_orthogonal_  reads p, θ, g for the sums ⟨Δ,g⟩, ‖Δ‖², then p, θ, g again to apply; writes the
+#                 orthogonals and p (fp32: 12 + 20 = 32 B per element)
+#   add_orthogonal_  reads g, v for the norms, then g, v again to apply; writes g (fp32: 20 B per element)
+BYTES = {"copy": (1, 1), "perturb_": (3, 2), "restore_sgd_": (3, 2), "sgd_step": (3, 2),
+         "norms": (1, 0), "restore_orthogonal_": (6, 2), "add_orthogonal_": (4, 1)}
+STEP_OPS = ("perturb_", "restore_sgd_")
+REUSE_OPS = ("norms", "restore_orthogonal_", "add_orthogonal_")  # the gradient-reuse ops
+REUSE_SETS = ("one_256M", "vit_b_16")  # where they are measured (where the targets are)
+REUSE_ALPHA = 1e-6  # add_orthogonal_'s α: g grows by at most 1 + α per call
 TARGETS = {"cuda": 0.80, "triton": 0.70}  # fraction of the copy ceiling on one_256M
 SGD_FUSED = "sgd_fused"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -136,10 +154,14 @@ class Clock:
             torch.cuda.synchronize()
 
     def gpu_times(self, fn, reps: int, host_s: float) -> list[float]:
-        """Seconds per call, ``reps`` calls."""
+        """Seconds per call, ``reps`` calls (``fn.prepare(i)``, where there is one, runs before call i, outside
+        its timed span)."""
+        prepare = getattr(fn, "prepare", None)
         if not self.cuda:
             out = []
             for i in range(reps):
+                if prepare:
+                    prepare(i)
                 t0 = time.perf_counter()
                 fn(i)
                 out.append(time.perf_counter() - t0)
@@ -148,10 +170,12 @@ class Clock:
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         self.sync()
         try:  # keep the GPU busy while the host queues every call, so no call waits for the host
-            torch.cuda._sleep(int(min(0.2, 1.5 * host_s * reps + 1e-3) * SLEEP_CLOCK_HZ))
+            torch.cuda._sleep(int(min(0.2, (3.0 if prepare else 1.5) * host_s * reps + 1e-3) * SLEEP_CLOCK_HZ))
         except Exception:  # noqa: BLE001 - without it the events still time the calls, host gaps included
             pass
         for i in range(reps):
+            if prepare:
+                prepare(i)
             starts[i].record()
             fn(i)
             ends[i].record()
@@ -159,8 +183,11 @@ class Clock:
         return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
 
     def host_times(self, fn, reps: int) -> list[float]:
+        prepare = getattr(fn, "prepare", None)
         out = []
         for i in range(reps):
+            if prepare:
+                prepare(i)
             self.sync()  # an empty queue: the call never blocks on the GPU
             t0 = time.perf_counter()
             fn(i)
@@ -171,6 +198,9 @@ class Clock:
 
 def count_launches(fn, device: str) -> dict:
     """GPU: kernel, memcpy and memset events of one call under torch.profiler (CUPTI). CPU: dispatched aten ops."""
+    prepare = getattr(fn, "prepare", None)
+    if prepare:
+        prepare(0)
     if device != "cuda":
         from amp_fused.profiling import DispatchCounter
 
@@ -209,10 +239,16 @@ def ceiling(device: str, clock: Clock, dry: bool) -> dict:
 
 
 # -- one parameter set -----------------------------------------------------------------------------------------
-def make_inputs(shapes, dtype, device, gen):
+def make_inputs(shapes, dtype, device, gen, reuse: bool = False):
+    """The lists of the step ops; ``reuse``: those of the gradient-reuse ops (backups θ = params, orthogonals,
+    and the Δ that ``restore_orthogonal_``'s prepare adds to θ)."""
     def randn(scale):
         return [(torch.randn(s, device=device, generator=gen, dtype=torch.float32) * scale).to(dtype)
                 for s in shapes]
+    if reuse:
+        params = randn(0.1)
+        return {"params": params, "grads": randn(0.01), "backups": [p.clone() for p in params],
+                "orthogonals": randn(0.01), "deltas": randn(0.001)}
     return {"params": randn(0.1), "grads": randn(0.01), "backups": [torch.empty(s, dtype=dtype, device=device)
                                                                      for s in shapes],
             "momentum": randn(0.01)}
@@ -225,8 +261,30 @@ def rotations(set_bytes: int, l2_bytes: int | None) -> int:
     return max(1, min(8, math.ceil(4 * l2_bytes / max(set_bytes, 1))))
 
 
-def op_fns(backend: str, sets: list[dict]):
+def reuse_fns(backend: str, sets: list[dict]):
+    """norms, restore_orthogonal_ (with its prepare: params ← θ + Δ) and add_orthogonal_ on ``sets``."""
+    def norms(i):
+        F.norms(sets[i % len(sets)]["grads"], backend=backend)
+
+    def restore_orthogonal(i):
+        s = sets[i % len(sets)]
+        F.restore_orthogonal_(s["params"], s["backups"], s["grads"], s["orthogonals"], True, backend=backend)
+
+    def perturb_again(i):  # after a call params are θ bit for bit: θ + Δ, the same every time
+        torch._foreach_add_(sets[i % len(sets)]["params"], sets[i % len(sets)]["deltas"])
+
+    restore_orthogonal.prepare = perturb_again
+
+    def add_orthogonal(i):
+        s = sets[i % len(sets)]
+        F.add_orthogonal_(s["grads"], s["orthogonals"], REUSE_ALPHA, True, backend=backend)
+    return {"norms": norms, "restore_orthogonal_": restore_orthogonal, "add_orthogonal_": add_orthogonal}
+
+
+def op_fns(backend: str, sets: list[dict], reuse: bool = False):
     a = STEP_ARGS
+    if reuse:
+        return {} if backend == SGD_FUSED else reuse_fns(backend, sets)
     if backend == SGD_FUSED:
         optimizers = []
         for s in sets:
@@ -249,7 +307,10 @@ def op_fns(backend: str, sets: list[dict]):
 
 
 def measure(fn, clock: Clock, device: str, dry: bool, n_sets: int) -> dict:
+    prepare = getattr(fn, "prepare", None)
     for i in range(1 if dry else max(3, n_sets)):  # warm-up: compiles, lazily created state, first touch
+        if prepare:
+            prepare(i)
         fn(i)
     clock.sync()
     once = statistics.median(clock.gpu_times(fn, max(2, n_sets), 20e-6)) if not dry else 0.0
@@ -295,7 +356,7 @@ def tables(report) -> list[str]:
     by = {(r["set"], r["dtype"], "restore_sgd_" if r["op"] == "sgd_step" else r["op"], r["backend"]): r
           for r in report["rows"]}
     width = 24
-    head = f"{'set':<10} {'dtype':<5} {'op':<13}" + "".join(f" | {b:<{width}}" for b in backends)
+    head = f"{'set':<10} {'dtype':<5} {'op':<19}" + "".join(f" | {b:<{width}}" for b in backends)
     out = [f"copy ceiling: {fmt_rate(ceiling_gbps)} ({report['ceiling']['what']}, median of "
            f"{report['ceiling']['runs']}); sgd_fused sits in the restore_sgd_ rows (its step alone)",
            "GPU ms per op, GB/s, fraction of the copy ceiling:", head, "-" * len(head)]
@@ -309,7 +370,7 @@ def tables(report) -> list[str]:
                 cells.append("ERROR")
             else:
                 cells.append(f"{r['gpu_ms']:.3f}ms {fmt_rate(r['gbps'])} {100 * r['fraction']:.0f}%")
-        out.append(f"{key[0]:<10} {key[1]:<5} {key[2]:<13}" + "".join(f" | {c:<{width}}" for c in cells))
+        out.append(f"{key[0]:<10} {key[1]:<5} {key[2]:<19}" + "".join(f" | {c:<{width}}" for c in cells))
     out += ["host µs per call / launches per op (memcpy+memset):", head, "-" * len(head)]
     for key in keys:
         cells = []
@@ -320,7 +381,7 @@ def tables(report) -> list[str]:
             else:
                 extra = f"+{r['memcpy'] + r['memset']}" if r.get("memcpy") or r.get("memset") else ""
                 cells.append(f"{r['host_us']:.0f}us / {r.get('launches')}{extra}")
-        out.append(f"{key[0]:<10} {key[1]:<5} {key[2]:<13}" + "".join(f" | {c:<{width}}" for c in cells))
+        out.append(f"{key[0]:<10} {key[1]:<5} {key[2]:<19}" + "".join(f" | {c:<{width}}" for c in cells))
     del rows
     return out
 
@@ -341,17 +402,21 @@ def evaluate_targets(report) -> list[dict]:
     return targets
 
 
-def headline(report) -> str:
+def combined_rates(report, ops) -> list[str]:
+    """"backend rate fraction" of each backend whose one_256M fp32 rows of all ``ops`` were measured: their
+    bytes over their summed GPU time."""
     parts = []
-    for dtype in ("fp32",):
-        for b in [b for b in report["backends"] if b != SGD_FUSED]:
-            rs = [r for r in report["rows"] if r["set"] == "one_256M" and r["dtype"] == dtype and r["backend"] == b
-                  and "gpu_ms" in r]
-            if len(rs) == 2:
-                nbytes = sum(r["bytes"] for r in rs)
-                seconds = sum(r["gpu_ms"] for r in rs) / 1e3
-                rate = gbps(nbytes, seconds)
-                parts.append(f"{b} {fmt_rate(rate)} {100 * rate / report['ceiling']['gbps']:.0f}%")
+    for b in [b for b in report["backends"] if b != SGD_FUSED]:
+        rs = [r for r in report["rows"] if r["set"] == "one_256M" and r["dtype"] == "fp32" and r["backend"] == b
+              and r["op"] in ops and "gpu_ms" in r]
+        if len(rs) == len(ops):
+            rate = gbps(sum(r["bytes"] for r in rs), sum(r["gpu_ms"] for r in rs) / 1e3)
+            parts.append(f"{b} {fmt_rate(rate)} {100 * rate / report['ceiling']['gbps']:.0f}%")
+    return parts
+
+
+def headline(report) -> str:
+    parts = combined_rates(report, STEP_OPS)
     met = [t for t in report["targets"] if t["ok"]]
     line = (f"one_256M fp32 perturb_+restore_sgd_: {', '.join(parts) or 'not measured'} of copy "
             f"{fmt_rate(report['ceiling']['gbps'])}; targets met {len(met)}/{len(report['targets'])}")
@@ -364,6 +429,9 @@ def headline(report) -> str:
         line += f"; {len(errors)} measurements FAILED"
     if report["not_measured"]:
         line += f"; {len(report['not_measured'])} not measured (time budget)"
+    reuse = combined_rates(report, REUSE_OPS)
+    if reuse:
+        line += f"; one_256M fp32 norms+restore_orthogonal_+add_orthogonal_: {', '.join(reuse)}"
     return line
 
 
@@ -380,8 +448,16 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     dry = args.dry_run
     device = "cpu" if dry else "cuda"
-    backends = args.backends.split(",") if args.backends else (
-        ["cpu", "foreach", SGD_FUSED] if dry else ["cuda", "triton", "foreach", SGD_FUSED])
+    stand_in_note = None
+    if args.backends:
+        backends = args.backends.split(",")
+    elif dry:
+        from gpu_check_util import dry_backend
+
+        first, stand_in_note = dry_backend(exact=False)  # timing only: foreach in place of an unavailable cpu
+        backends = list(dict.fromkeys([first, "foreach", SGD_FUSED]))
+    else:
+        backends = ["cuda", "triton", "foreach", SGD_FUSED]
     sets = param_sets(dry)
     wanted = args.sets.split(",") if args.sets else list(sets)
     dtypes = args.dtypes.split(",")
@@ -400,13 +476,17 @@ def main(argv=None) -> int:
                                                                for k, v in sets.items()},
               "launches_counted_as": "dispatched aten ops (CPU dry run)" if dry else
               "CUDA kernel events of one call in torch.profiler (CUPTI); memcpy/memset apart",
-              "rows": [], "not_measured": [], "targets": []}
+              "rows": [], "not_measured": [], "targets": [], "reuse_ops": list(REUSE_OPS),
+              "reuse_sets": list(REUSE_SETS), "reuse_alpha": REUSE_ALPHA}
+    if stand_in_note:
+        report["stand_in_note"] = stand_in_note
+        print(f"note: {stand_in_note}")
     if dry:
         print("dry run: CPU tensors at tiny sizes, perf_counter timing. On a GPU it measures a 4 GB device copy, "
               "then cuda, triton, foreach, sgd_fused x fp32, bf16 x one_256M (2^28), vit_b_16 (152 tensors, 86.6M), "
               "small_300, 50M_1000: perturb_ and restore_sgd_ GPU ms (CUDA events), host µs per call, launches "
-              "(torch.profiler), GB/s and the fraction of the copy; targets cuda ≥ 80%, triton ≥ 70% on one_256M, "
-              "host < GPU on vit_b_16")
+              "(torch.profiler), GB/s and the fraction of the copy; then norms, restore_orthogonal_, add_orthogonal_ "
+              "on one_256M and vit_b_16; targets cuda ≥ 80%, triton ≥ 70% on one_256M, host < GPU on vit_b_16")
 
     def save():
         if args.json:
@@ -418,22 +498,23 @@ def main(argv=None) -> int:
     save()
     order = [(s, d) for d in dtypes[:1] for s in wanted[:2]] + [(s, d) for d in dtypes[1:] for s in wanted[:2]] + \
             [(s, d) for d in dtypes for s in wanted[2:]]
+    order = [(s, d, False) for s, d in order] + [(s, d, True) for d in dtypes for s in wanted if s in REUSE_SETS]
     gen = torch.Generator(device=device).manual_seed(0)
-    for set_name, dtype_name in order:
+    for set_name, dtype_name, reuse in order:
         shapes = sets[set_name][0]
         dtype = DTYPES[dtype_name]
         elements = sum(math.prod(s) for s in shapes)
-        set_bytes = 4 * elements * dtype.itemsize
+        set_bytes = (5 if reuse else 4) * elements * dtype.itemsize
         n_sets = rotations(set_bytes, l2)
         try:
-            inputs = [make_inputs(shapes, dtype, device, gen) for _ in range(n_sets)]
+            inputs = [make_inputs(shapes, dtype, device, gen, reuse) for _ in range(n_sets)]
         except Exception as exc:  # noqa: BLE001
             report["rows"].append({"set": set_name, "dtype": dtype_name, "backend": "all", "op": "setup",
                                    "error": repr(exc)})
             continue
         for backend in backends:
             try:
-                fns = op_fns(backend, inputs)
+                fns = op_fns(backend, inputs, reuse)
             except Exception as exc:  # noqa: BLE001
                 report["rows"].append({"set": set_name, "dtype": dtype_name, "backend": backend, "op": "setup",
                                        "error": repr(exc)[:500]})
@@ -464,7 +545,8 @@ def main(argv=None) -> int:
         del inputs, fns
         if not dry:
             torch.cuda.empty_cache()
-        print(f"  measured {set_name} {dtype_name} ({time.perf_counter() - start:.0f} s)", flush=True)
+        print(f"  measured {set_name} {dtype_name}{' gradient-reuse ops' if reuse else ''} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
     report["targets"] = evaluate_targets(report)
     report["headline"] = headline(report)
     report["seconds"] = time.perf_counter() - start

@@ -10,28 +10,50 @@ public op layer (``amp_fused.functional``), and checks every op right after it r
 4. ``restore_`` (params poisoned first)
 5. ``restore_sgd_`` first step: momentum 0.9, nesterov, weight decay (params and momentum buffers poisoned)
 6. ``restore_sgd_`` later step: momentum 0.9, dampening 0.1, weight decay, maximize (params poisoned)
+7. ``norms`` of the gradients (read only)
+8. ``restore_orthogonal_`` per-tensor: backups ← θ, params ← θ + Δ with Δ = 0.005·g + 0.01·m (correlated with
+   g, so c·Δ is not small against g) and Δ = 0 in every fourth tensor; orthogonals (the momentum buffers'
+   memory) poisoned with NaN
+9. ``add_orthogonal_`` per-tensor, α 0.7: fresh g and v, v = 0 in every fourth tensor and a NaN in one
+   element of every eighth (the gradient must stay bit for bit there)
+10. ``restore_orthogonal_`` global and 11. ``add_orthogonal_`` global (the same without the zero or NaN
+   tensors; not in the ``huge`` case: one tensor)
 
 Before each op the inputs are copied to the reference dtype (float64; float32 for the ``huge`` case, whose
 data is bf16) and the foreach backend runs the same op on the copies; then the backend under test runs on
-the originals. Checks: ‖out − ref‖/‖ref‖ and max|out − ref|/max|ref| of every written tensor against a bound
+the originals (the gradient-reuse ops write no state but their outputs, so the reference copies are
+enough). Checks: ‖out − ref‖/‖ref‖ and max|out − ref|/max|ref| of every written tensor against a bound
 for its dtype (fp32 1e-5, fp16 2e-3, bf16 1.6e-2), NaN failing; for fp32 tensors also the perturbation
 (out − θ against ref − θ, 1e-4), which θ would otherwise hide; the returned norms (relative 1e-4); backups
 bit-identical to θ after every ascent, params bit-identical to the backups after ``restore_``; read-only
-tensors and, for views, the buffer elements around them unchanged. Inputs are random normal (params 0.01,
-gradients and momentum 1: Δ is not small against θ), never zeros.
+tensors and, for views, the buffer elements around them unchanged. For the gradient-reuse ops: ``norms`` as
+the returned norms above; ``orthogonals`` against |g| + |c·Δ| (for a 1-element tensor g − c·Δ is rounding
+noise), for fp32 tensors also the removed part g − orthogonals against c·Δ (1e-4 of |c·Δ| + 0.01·|g|: the
+rounding of g is all that is left where c·Δ is tiny), params == backups bit for
+bit after ``restore_orthogonal_``, orthogonals == g bit for bit where Δ = 0; ``add_orthogonal_``'s grads
+against |g| + |coef·v|, for fp32 tensors the added part against coef·v (the same way), grads bit for bit
+unchanged where v = 0 or holds a NaN, orthogonals unchanged. Inputs are random normal (params 0.01,
+gradients and momentum 1: Δ is not small against θ), never zeros but for those Δ = 0 and v = 0 tensors.
 
-Cases (GPU sizes; ``--dry-run`` runs the same code at small sizes on CPU tensors with the ``cpu`` backend):
+Cases (GPU sizes; ``--dry-run`` runs the same code at small sizes on CPU tensors with the ``cpu`` backend, or
+where that is unavailable, its kernels that exist with ``foreach`` for the other ops: gpu_check_util.dry_backend):
 
 ``overlap``     two tensors of ``params`` share memory (also: params/grads, params/backups): every op must raise
-                ValueError and leave every buffer bit-identical; for ``cuda`` also through ``torch.ops.amp_fused``
+                ValueError and leave every buffer bit-identical; for ``cuda`` also through ``torch.ops.amp_fused``.
+                ``restore_orthogonal_`` (writes params and orthogonals) the same three and orthogonals/orthogonals,
+                orthogonals/grads, orthogonals/params; ``add_orthogonal_`` (writes grads) grads/grads and
+                grads/orthogonals; ``norms`` (reads only) on overlapping tensors must not raise and must match
+                foreach
 ``unaligned``   views that start 0-4 elements into their buffers (each list at a different offset), sizes
                 around the 16-byte vector groups (4 fp32, 8 fp16/bf16 elements) and the chunk, fp32 and a
                 bf16/fp16 list
 ``many``        2,000 tensors of mixed sizes around the 65536-element chunk, small ones, empty ones, 3 large
                 ones, mostly fp32 with bf16 and fp16 mixed in: more tensors and chunks than one CUDA launch's
-                metadata holds, so tensors straddle launches
+                metadata holds, so tensors straddle launches (the reductions of ``norms``, ``restore_orthogonal_``
+                and ``add_orthogonal_`` carry partial sums across them)
 ``huge``        one bf16 tensor of 2^31 + 4097 elements (4.3 GB per list; needs int64 offsets), checked in
-                slices, the last 4097 elements (past 2^31) and the last 64 on their own
+                slices, the last 4097 elements (past 2^31) and the last 64 on their own; the gradient-reuse ops
+                per-tensor only (the orthogonals in the momentum buffers' memory: no more memory than before)
 
 Writes a JSON of per-check pass/fail (``--json``) and prints one line per check; the last line is
 ``RESULT: ...``. Exit 0 when every check passed.
@@ -48,8 +70,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+TOOLS = Path(__file__).resolve().parent
+for _path in (REPO, TOOLS):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
 
@@ -67,6 +91,10 @@ SGD_FIRST = dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=1e-2, nester
                  first_step=True)
 SGD_LATER = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2, nesterov=False, maximize=True,
                  first_step=False)
+ADD_ALPHA = 0.7  # add_orthogonal_'s α: coef·v is as large as g, so its errors show
+# The removed part g − orthogonals (c·Δ) and the added part coef·v of fp32 tensors: against their own size plus
+# this much of |g| (where the part itself is tiny against g, the rounding of g is all that is left of it).
+PART_FLOOR = 1e-2
 SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 
@@ -104,7 +132,8 @@ def gpu_sizes(chunk: int) -> Sizes:
                  unaligned=(1, 2, 3, 4, 5, 7, 8, 9, 15, 17, 4097, chunk - 1, chunk, chunk + 1, chunk + 3,
                             2 * chunk + 5, 300_001),
                  # per element: 4 bf16 lists and 2 clones (12 B), 4 fp32 reference lists and 2 temporaries
-                 # (24 B), and a margin
+                 # (24 B), and a margin (the gradient-reuse ops: their orthogonals are the momentum buffers, and
+                 # restore_orthogonal_ frees 2 reference lists before its checks' 2 temporaries)
                  huge_min_free_bytes=40 * (2**31 + 4097))
 
 
@@ -198,19 +227,20 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def rel_errors(outs, refs, elementwise=False):
+def rel_errors(outs, refs, elementwise=False, sizes=None):
     """Per tensor ‖out − ref‖₂/‖ref‖₂ (a float64 CPU tensor) and the same over the whole list (NaN stays NaN).
     ``elementwise``: also per tensor max|out − ref| / max|ref|, which a few wrong elements in a large tensor
-    cannot hide in."""
+    cannot hide in. ``sizes``: tensors to measure the errors against in place of ``refs``."""
     diffs, norms, peaks, scales = [], [], [], []
-    for o, r in zip(outs, refs):
+    for k, (o, r) in enumerate(zip(outs, refs)):
         d = (o.to(r.dtype) - r).to(torch.float64)
+        size = r if sizes is None else sizes[k]
         diffs.append(torch.linalg.vector_norm(d))
-        norms.append(torch.linalg.vector_norm(r.to(torch.float64)))
+        norms.append(torch.linalg.vector_norm(size.to(torch.float64)))
         if elementwise:
             zero = torch.zeros((), dtype=torch.float64, device=d.device)
             peaks.append(d.abs().amax() if d.numel() else zero)  # amax propagates NaN
-            scales.append(r.abs().amax().to(torch.float64) if r.numel() else zero)
+            scales.append(size.abs().amax().to(torch.float64) if size.numel() else zero)
     if not diffs:
         empty = torch.zeros(0, dtype=torch.float64)
         return (empty, 0.0, empty) if elementwise else (empty, 0.0)
@@ -223,9 +253,11 @@ def rel_errors(outs, refs, elementwise=False):
     return per, total, torch.where(sc > 0, pk / sc, pk)
 
 
-def check_close(what, outs, refs, dtypes, tol_table=TOL) -> dict:
-    """Every tensor within its dtype's bound, normwise and elementwise (against the tensor's largest value)."""
-    per, total, elem = rel_errors(outs, refs, elementwise=True)
+def check_close(what, outs, refs, dtypes, tol_table=TOL, sizes=None) -> dict:
+    """Every tensor within its dtype's bound, normwise and elementwise (against the tensor's largest value).
+    ``sizes``: what the errors are measured against in place of ``refs`` (the magnitudes an op combined, where
+    its result may cancel to rounding noise)."""
+    per, total, elem = rel_errors(outs, refs, elementwise=True, sizes=sizes)
     tol = torch.tensor([tol_table[d] for d in dtypes], dtype=torch.float64)
     ok_each = (per <= tol) & (elem <= tol)  # NaN compares False
     ratio = torch.nan_to_num(torch.maximum(per, elem) / tol, nan=math.inf)
@@ -377,6 +409,97 @@ class Case:
             checks += check_tails(L.params, rp[-1], (4097, 64), self.dtypes[-1])
         return checks
 
+    # -- the gradient-reuse ops; their orthogonals live in the momentum buffers' memory (no more memory) ------
+    def fp32_indices(self):
+        return [i for i, d in enumerate(self.dtypes) if d in DELTA_TOL]
+
+    def grad_norms(self):
+        L = self.lists
+        fill_normal_(L.grads, 1.0, self.gen)
+        read_only = clones(L.grads)
+        ref_norms = F.norms(self.ref(L.grads), backend=REFERENCE)
+        norms = F.norms(L.grads, backend=self.backend)
+        sync(self.device)
+        return [check_equal("grads unchanged", L.grads, read_only),
+                check_norms(norms, self.expected_norms(ref_norms, True))]
+
+    def restore_orthogonal(self, per_tensor: bool):
+        L = self.lists
+        orthogonals = L.momentum
+        fill_normal_(L.grads, 1.0, self.gen)
+        fill_normal_(orthogonals, 1.0, self.gen)  # m of Δ = 0.005·g + 0.01·m, then poisoned
+        zero = [i for i in range(len(L.params)) if per_tensor and i % 4 == 1]  # Δ = 0: c = 0, orthogonals = g
+        for i, (p, b, g, m) in enumerate(zip(L.params, L.backups, L.grads, orthogonals)):
+            b.copy_(p)
+            if i not in zero:
+                p.add_(g, alpha=0.005).add_(m, alpha=0.01)
+        poison_(orthogonals)
+        theta, read_only = clones(L.backups), clones(L.grads)
+        rp, rb, rg, ro = self.ref(L.params), self.ref(L.backups), self.ref(L.grads), self.ref(orthogonals)
+        # a tensor cut into pieces: its per-tensor sums are the pieces' totals
+        F.restore_orthogonal_(rp, rb, rg, ro, per_tensor and L.piece is None, backend=REFERENCE)
+        F.restore_orthogonal_(L.params, L.backups, L.grads, orthogonals, per_tensor, backend=self.backend)
+        sync(self.device)
+        del rp, rb  # the huge case's memory: params are checked against θ bit for bit
+        out = self.cut(orthogonals)
+        removed = [g - o for g, o in zip(rg, ro)]  # c·Δ
+        checks = [check_equal("params == backups (bitwise)", L.params, theta),
+                  check_equal("backups unchanged", L.backups, theta),
+                  check_equal("grads unchanged", L.grads, read_only),
+                  check_close("orthogonals (against |g| + |c·Δ|)", out, ro, self.dtypes,
+                              sizes=[g.abs() + r.abs() for g, r in zip(rg, removed)])]
+        exact = self.fp32_indices()
+        if exact:
+            checks.append(check_close("removed part g − orthogonals against c·Δ (fp32 tensors)",
+                                      [rg[i] - out[i].to(self.ref_dtype) for i in exact], [removed[i] for i in exact],
+                                      [self.dtypes[i] for i in exact], DELTA_TOL,
+                                      sizes=[removed[i].abs() + PART_FLOOR * rg[i].abs() for i in exact]))
+        if zero:
+            checks.append(check_equal("orthogonals == g where Δ = 0 (bitwise)", [orthogonals[i] for i in zero],
+                                      [read_only[i] for i in zero]))
+        if self.huge_tail:
+            checks += check_tails(orthogonals, ro[-1], (4097, 64), self.dtypes[-1])
+        return checks
+
+    def add_orthogonal(self, per_tensor: bool):
+        L = self.lists
+        orthogonals = L.momentum
+        fill_normal_(L.grads, 1.0, self.gen)
+        fill_normal_(orthogonals, 1.0, self.gen)
+        # per-tensor: v = 0 (coefficient not finite) and a NaN in v (norm not finite) leave g bit for bit
+        kept = []
+        for i, v in enumerate(orthogonals):
+            if per_tensor and i % 4 == 2:
+                v.zero_()
+                kept.append(i)
+            elif per_tensor and i % 8 == 7 and v.numel():
+                v.view(-1)[0] = float("nan")
+                kept.append(i)
+        before, v_before = clones(L.grads), clones(orthogonals)
+        rg, ro = self.ref(L.grads), self.ref(orthogonals)
+        F.add_orthogonal_(rg, ro, ADD_ALPHA, per_tensor and L.piece is None, backend=REFERENCE)
+        F.add_orthogonal_(L.grads, orthogonals, ADD_ALPHA, per_tensor, backend=self.backend)
+        sync(self.device)
+        del ro
+        rg0 = self.ref(before)
+        added = [a - b for a, b in zip(rg, rg0)]  # coef·v
+        out = self.cut(L.grads)
+        checks = [check_equal("orthogonals unchanged", orthogonals, v_before),
+                  check_close("grads (against |g| + |coef·v|)", out, rg, self.dtypes,
+                              sizes=[b.abs() + a.abs() for a, b in zip(added, rg0)])]
+        exact = self.fp32_indices()
+        if exact:
+            checks.append(check_close("added part against coef·v (fp32 tensors)",
+                                      [out[i].to(self.ref_dtype) - rg0[i] for i in exact], [added[i] for i in exact],
+                                      [self.dtypes[i] for i in exact], DELTA_TOL,
+                                      sizes=[added[i].abs() + PART_FLOOR * rg0[i].abs() for i in exact]))
+        if kept:
+            checks.append(check_equal("grads unchanged where v = 0 or holds a NaN (bitwise)",
+                                      [L.grads[i] for i in kept], [before[i] for i in kept]))
+        if self.huge_tail:
+            checks += check_tails(L.grads, rg[-1], (4097, 64), self.dtypes[-1])
+        return checks
+
     def sequence(self, with_global=True) -> bool:
         steps = [("perturb_ first, per-tensor", lambda: self.perturb(True, True))]
         if with_global:
@@ -384,7 +507,13 @@ class Case:
         steps += [("perturb_ later, per-tensor", lambda: self.perturb(False, True)),
                   ("restore_", self.restore),
                   ("restore_sgd_ first step, nesterov, wd", lambda: self.restore_sgd(SGD_FIRST)),
-                  ("restore_sgd_ momentum, dampening, wd, maximize", lambda: self.restore_sgd(SGD_LATER))]
+                  ("restore_sgd_ momentum, dampening, wd, maximize", lambda: self.restore_sgd(SGD_LATER)),
+                  ("norms", self.grad_norms),
+                  ("restore_orthogonal_ per-tensor, Δ = 0 in some", lambda: self.restore_orthogonal(True)),
+                  ("add_orthogonal_ per-tensor, v = 0 / NaN in some", lambda: self.add_orthogonal(True))]
+        if with_global:
+            steps += [("restore_orthogonal_ global", lambda: self.restore_orthogonal(False)),
+                      ("add_orthogonal_ global", lambda: self.add_orthogonal(False))]
         ok = True
         for op, fn in steps:
             ok &= self.run(op, fn)
@@ -425,8 +554,86 @@ OVERLAPS = {  # (list, index) pairs that share memory: a view of buf[0:1000] and
 }
 
 
+# The gradient-reuse ops: the lists each writes (restore_orthogonal_: params, orthogonals; add_orthogonal_:
+# grads), each against itself and the others.
+REUSE_OVERLAPS = {
+    "restore_orthogonal_": dict(OVERLAPS, **{
+        "orthogonals/orthogonals": (("orthogonals", 1, slice(0, 1000)), ("orthogonals", 2, slice(500, 1500))),
+        "orthogonals/grads": (("orthogonals", 1, slice(0, 1000)), ("grads", 1, slice(999, 1999))),
+        "orthogonals/params": (("params", 1, slice(0, 1000)), ("orthogonals", 2, slice(500, 1500)))}),
+    "add_orthogonal_": {
+        "grads/grads": (("grads", 1, slice(0, 1000)), ("grads", 2, slice(500, 1500))),
+        "grads/orthogonals": (("grads", 1, slice(0, 1000)), ("orthogonals", 2, slice(999, 1999)))},
+}
+
+
+def overlap_lists(device, gen, pairs):
+    buf = torch.randn(3000, device=device, generator=gen)
+    lists = {name: [torch.randn(n, device=device, generator=gen) for n in (1000, 1000, 1000, 33)]
+             for name in ("params", "grads", "backups", "momentum", "orthogonals")}
+    for name, index, where in pairs:
+        lists[name][index] = buf[where]
+    return buf, lists
+
+
+def overlap_result(backend, label, call, everything, device, t0) -> dict:
+    before = clones(everything)
+    raised = None
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 - what it raised is the result
+        raised = exc
+    sync(device)
+    unchanged = check_equal("every buffer unchanged", everything, before)
+    ok_raise = isinstance(raised, ValueError) and "share memory" in str(raised)
+    text = "nothing" if raised is None else f"{type(raised).__name__}: {raised}"
+    checks = [{"check": "raises the overlap's ValueError", "ok": ok_raise, "raised": text[:300]}, unchanged]
+    return {"case": "overlap", "backend": backend, "op": label, "ok": ok_raise and unchanged["ok"],
+            "seconds": time.perf_counter() - t0, "checks": checks}
+
+
+def case_overlap_reuse(backend, device, gen) -> list[dict]:
+    """restore_orthogonal_ and add_orthogonal_ as the other ops; ``norms`` reads only, so overlapping tensors
+    (the same one twice included) are fine for it: it must not raise and must match foreach."""
+    results = []
+    for op, variants in REUSE_OVERLAPS.items():
+        for variant, pairs in variants.items():
+            for direct in ((False, True) if backend == "cuda" else (False,)):
+                t0 = time.perf_counter()
+                buf, lists = overlap_lists(device, gen, pairs)
+                p, g, bk, o = lists["params"], lists["grads"], lists["backups"], lists["orthogonals"]
+                if direct:
+                    call = {"restore_orthogonal_": lambda: torch.ops.amp_fused.restore_orthogonal_(p, bk, g, o, True),
+                            "add_orthogonal_": lambda: torch.ops.amp_fused.add_orthogonal_(g, o, 0.5, True)}[op]
+                else:
+                    call = {"restore_orthogonal_": lambda: F.restore_orthogonal_(p, bk, g, o, True, backend=backend),
+                            "add_orthogonal_": lambda: F.add_orthogonal_(g, o, 0.5, True, backend=backend)}[op]
+                everything = [buf] + [t for ts in lists.values() for t in ts]
+                label = f"{op} {variant} overlap" + (" (torch.ops direct)" if direct else "")
+                results.append(overlap_result(backend, label, call, everything, device, t0))
+    for direct in ((False, True) if backend == "cuda" else (False,)):
+        t0 = time.perf_counter()
+        buf = torch.randn(3000, device=device, generator=gen)
+        tensors = [buf[0:1000], buf[500:1500], torch.randn(33, device=device, generator=gen), buf[0:1000]]
+        before = clones([buf] + tensors)
+        checks = []
+        try:
+            norms = torch.ops.amp_fused.norms(tensors) if direct else F.norms(tensors, backend=backend)
+            sync(device)
+            checks.append(check_norms(norms, F.norms([t.double() for t in tensors], backend=REFERENCE)))
+        except Exception as exc:  # noqa: BLE001
+            checks.append({"check": "ran", "ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+        checks.append(check_equal("every buffer unchanged", [buf] + tensors, before))
+        results.append({"case": "overlap", "backend": backend,
+                        "op": "norms of overlapping tensors (reads only: no error)" + (
+                            " (torch.ops direct)" if direct else ""),
+                        "ok": all(c["ok"] for c in checks), "seconds": time.perf_counter() - t0, "checks": checks})
+    return results
+
+
 def case_overlap(backend, device, gen) -> list[dict]:
-    """Overlapping tensors in a call: ValueError (the overlap's) before anything is written, from every op."""
+    """Overlapping tensors in a call: ValueError (the overlap's) before anything is written, from every op
+    (``norms``, which writes nothing, must accept them)."""
     results = []
     for variant, pairs in OVERLAPS.items():
         for op in ("perturb_", "restore_", "restore_sgd_"):
@@ -466,7 +673,7 @@ def case_overlap(backend, device, gen) -> list[dict]:
                 results.append({"case": "overlap", "backend": backend, "op": label,
                                 "ok": ok_raise and unchanged["ok"], "seconds": time.perf_counter() - t0,
                                 "checks": checks})
-    return results
+    return results + case_overlap_reuse(backend, device, gen)
 
 
 def case_unaligned(backend, device, gen, sizes: Sizes) -> list[dict]:
@@ -516,13 +723,15 @@ def describe(sizes: Sizes) -> list[str]:
     numel = sum(math.prod(s) for s in shapes)
     chunks = sum(-(-math.prod(s) // sizes.chunk) for s in shapes)
     return [
-        "overlap: 3 overlap variants x 3 ops must raise ValueError, nothing written (cuda: also torch.ops direct)",
+        "overlap: 3 overlap variants x 3 ops must raise ValueError, nothing written (cuda: also torch.ops direct); "
+        "restore_orthogonal_ 6 variants, add_orthogonal_ 2; norms must accept overlapping tensors",
         f"unaligned: {len(sizes.unaligned)} views per list at offsets 0-4, sizes {sizes.unaligned[:6]}... up to "
-        f"{max(sizes.unaligned)}, fp32 and bf16/fp16, 6 ops",
+        f"{max(sizes.unaligned)}, fp32 and bf16/fp16, 6 ops + norms, restore_orthogonal_, add_orthogonal_ (5 calls)",
         f"many: {len(shapes)} tensors, {numel / 1e6:.1f}M elements, {chunks} chunks of {sizes.chunk} (fp32 + bf16 + "
-        "fp16), 6 ops",
+        "fp16), 6 ops + norms, restore_orthogonal_, add_orthogonal_ (5 calls)",
         f"huge: one bf16 tensor of {sizes.huge_numel} elements ({sizes.huge_numel * 2 / 1e9:.2f} GB per list), "
-        f"compared in {sizes.huge_slice}-element slices and the last 4097 / 64 elements, 5 ops",
+        f"compared in {sizes.huge_slice}-element slices and the last 4097 / 64 elements, 5 ops + norms, "
+        "restore_orthogonal_, add_orthogonal_ per-tensor",
     ]
 
 
@@ -545,7 +754,8 @@ def summary_line(results, not_run) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="GPU stress cases of the cuda and triton backends")
-    parser.add_argument("--dry-run", action="store_true", help="small sizes, CPU tensors, the cpu backend")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="small sizes, CPU tensors, the cpu backend (or a stand-in where it is unavailable)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--backends", help="comma list (default: cuda,triton; --dry-run: cpu)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
@@ -553,7 +763,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     device = "cpu" if args.dry_run else "cuda"
-    backends = args.backends.split(",") if args.backends else (["cpu"] if args.dry_run else ["cuda", "triton"])
+    stand_in_note = None
+    if args.backends:
+        backends = args.backends.split(",")
+    elif args.dry_run:
+        from gpu_check_util import dry_backend
+
+        stand_in, stand_in_note = dry_backend()
+        backends = [stand_in]
+    else:
+        backends = ["cuda", "triton"]
     cases = [c for c in args.cases.split(",") if c]
     chunk, chunk_note = cuda_chunk_size()
     if chunk_note and not args.dry_run:
@@ -562,11 +781,14 @@ def main(argv=None) -> int:
     report = {"mode": "dry-run" if args.dry_run else "gpu", "device": device, "backends": backends,
               "reference": REFERENCE, "tolerances": {SHORT[d]: t for d, t in TOL.items()}, "norm_rtol": NORM_RTOL,
               "sizes": sizes.__dict__, "chunk_note": chunk_note, "results": [], "not_run": []}
+    if stand_in_note:
+        report["stand_in_note"] = stand_in_note
+        print(f"note: {stand_in_note}")
     if args.dry_run:
         torch.set_num_threads(1)  # small tensors on a possibly shared machine: threads only add contention
         report["would_run_on_gpu"] = describe(gpu_sizes(chunk))
-        print("dry run: CPU tensors, small sizes, backends " + ",".join(backends) + "; on a GPU it would run, for "
-              "cuda and triton:")
+        print("dry run: CPU tensors, small sizes, backends " + ",".join(map(str, backends))
+              + "; on a GPU it would run, for cuda and triton:")
         for line in report["would_run_on_gpu"]:
             print("  " + line)
     if device == "cuda" and not torch.cuda.is_available():
@@ -612,7 +834,7 @@ def main(argv=None) -> int:
     report["seconds"] = time.perf_counter() - start
     line = summary_line(results, report["not_run"])
     if args.dry_run:
-        line = f"dry run ({','.join(backends)} on CPU): {line}"
+        line = f"dry run ({','.join(map(str, backends))} on CPU): {line}"
     report["summary"] = line
     save()
     print("RESULT: " + line)
