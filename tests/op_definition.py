@@ -331,16 +331,19 @@ def compute_unit(dtype) -> float:
 
 
 def orthogonal_bounds(result: Orthogonal, grads: Tensors, theta: Tensors, per_tensor: bool,
-                      subtracts_back: bool = False) -> list:
+                      subtracts_back: bool = False, storage_delta: bool = False) -> list:
     """|orthogonals − definition| allowed, elementwise: ULPS roundings of g and c·Δ; the error of Δ as the backend
-    forms it (p − θ in the compute type; ``subtracts_back``: the Δ it kept, off by the rounding of θ + Δ); and the
-    error of c that the sums' accumulation (NORM_RTOL of Σ|Δ·g| ≤ ‖Δ‖‖g‖) and Δ's error give (first order)."""
+    forms it (p − θ in the compute type; ``storage_delta``: in the tensors' own dtype, as foreach does;
+    ``subtracts_back``: the Δ it kept, off by the rounding of θ + Δ); and the error of c that the sums' accumulation
+    (NORM_RTOL of Σ|Δ·g| ≤ ‖Δ‖‖g‖) and Δ's error give (first order)."""
     dtypes = [g.dtype for g in grads]
     wide = [g.to(torch.float64) for g in grads]
     delta_errors = []
     for d, t, dtype in zip(result.deltas, theta, dtypes):
         if subtracts_back:
             delta_errors.append(ULPS * UNIT[dtype] * (t.double().abs() + d.abs()))
+        elif storage_delta:
+            delta_errors.append(ULPS * UNIT[dtype] * d.abs())
         else:
             delta_errors.append(compute_unit(dtype) * d.abs())
     groups = [[i] for i in range(len(wide))] if per_tensor else [list(range(len(wide)))]

@@ -64,7 +64,7 @@ def test_full_runs_the_full_plan(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("argv, fragments", [
-    (["--runs", "erm,sam"], ["argument --runs: 'sam' is not a run kind", "amp-k<K>-<erm|reuse>"]),
+    (["--runs", "erm,sam"], ["argument --runs: 'sam' is not a run kind", "amp-k<K>-<erm|reuse|gradient>"]),
     (["--runs", "amp-k1-erm"], ["argument --runs: 'amp-k1-erm' is not a run kind", "K >= 2"]),
     (["--runs", "erm,erm"], ["argument --runs: lists a run kind twice"]),
     (["--runs", ","], ["argument --runs: needs at least one run kind"]),

@@ -257,11 +257,14 @@ def test_restore_orthogonal_matches_definition(backend, spec, per_tensor, poison
     if not ok:
         return
     perturbed = [p.clone() for p in params]
+    # the reference backend keeps Δ itself (it restores by subtraction): the definition is applied to that Δ
+    held = ([p.double() - d.double() for p, d in zip(perturbed, backups)] if backend == "reference" else theta)
     at_delta = poisoned(build(specs, dtypes, layout, 4), poison)
     orthogonals = [torch.empty_like(p) for p in params]
     functional.restore_orthogonal_(params, backups, at_delta, orthogonals, per_tensor, backend=backend)
-    expected = restore_orthogonal(perturbed, theta, at_delta, per_tensor)
-    bounds = orthogonal_bounds(expected, at_delta, theta, per_tensor, backend == "reference")
+    expected = restore_orthogonal(perturbed, held, at_delta, per_tensor)
+    # reference and foreach form Δ and g − c·Δ in the tensors' own dtype
+    bounds = orthogonal_bounds(expected, at_delta, held, per_tensor, storage_delta=backend in ("reference", "foreach"))
     for i, (o, g, c) in enumerate(zip(orthogonals, at_delta, expected.coefficients)):
         if c == 0.0:
             assert torch.equal(o.view(torch.uint8) if o.dtype.itemsize == 1 else o, g) or (
