@@ -283,8 +283,9 @@ class AMP(torch.optim.Optimizer):
         active = {p for part in s.active.parts for p in part.params}
         for p in [p for p in s.orthogonals if p not in active]:
             del s.orthogonals[p]
-        calls = plans.op_calls(s.active, s.norm, lambda part: (
-            part.views, part.backups, plans.gradients(part), self._orthogonal_buffers(part)))
+        calls = plans.op_calls(s.active, s.norm, lambda part: (  # g_v buffers kept from step to step
+            part.views, part.backups, plans.gradients(part),
+            [plans.buffer_for(s.orthogonals, p, v) for p, v in zip(part.params, part.views)]))
         try:
             for parts, (views, backups, grads, orthogonals), per_tensor in calls:
                 functional.restore_orthogonal_(views, backups, grads, orthogonals, per_tensor,
@@ -293,16 +294,6 @@ class AMP(torch.optim.Optimizer):
             s.orthogonals.clear()  # partly written: the next step is a full one (the caller puts θ back)
             raise
         s.end_perturbation()
-
-    def _orthogonal_buffers(self, part) -> list:
-        """The g_v buffers of ``part``: kept from step to step, replaced when a parameter's layout changed."""
-        stored, buffers = self._amp.orthogonals, []
-        for p, view in zip(part.params, part.views):
-            buffer = stored.get(p)
-            if buffer is None or not plans.fits(buffer, view):
-                buffer = stored[p] = torch.empty_like(view)
-            buffers.append(buffer)
-        return buffers
 
     def _add_orthogonal(self):
         """A "gradient" step's gradient: g ← g + α·(‖g‖/‖g_v‖)·g_v, in place in ``.grad`` (what the base optimizer

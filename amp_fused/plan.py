@@ -65,6 +65,14 @@ def like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return tensor if fits(tensor, reference) else torch.empty_like(reference).copy_(tensor)
 
 
+def buffer_for(buffers: dict, p, view: torch.Tensor) -> torch.Tensor:
+    """``buffers[p]`` when it still fits ``view`` (dtype, device, shape, layout), else a new one put there."""
+    buffer = buffers.get(p)
+    if buffer is None or not fits(buffer, view):
+        buffer = buffers[p] = torch.empty_like(view)
+    return buffer
+
+
 def build(groups, selection, backend_name: str, buffers: dict) -> Plan:
     """The plan for ``selection[i]`` (the parameters of ``groups[i]`` to perturb). ``buffers`` maps a parameter
     to its θ buffer from earlier plans, reused when it still fits and replaced in place when not."""
@@ -76,12 +84,7 @@ def build(groups, selection, backend_name: str, buffers: dict) -> Plan:
             params_by_device[p.device].append(p)
         for device, params in params_by_device.items():
             views = functional.real_views(params)
-            backups = []
-            for p, view in zip(params, views):
-                buffer = buffers.get(p)
-                if buffer is None or not fits(buffer, view):
-                    buffer = buffers[p] = torch.empty_like(view)
-                backups.append(buffer)
+            backups = [buffer_for(buffers, p, view) for p, view in zip(params, views)]
             part = Part(group, params, views, backups, functional.resolve(backend_name, views))
             plan.parts.append(part)
             by_device[device].append(part)

@@ -49,6 +49,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .report import format_table
+from .timing import force_trigger
 
 SCHEMA = "amp_fused.quality/1"
 CACHE_VERSION = 1  # bump when a change to the training code changes what a cached run would hold
@@ -640,6 +641,11 @@ class CostConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
+def alternating(optimizer) -> bool:
+    """A full step on even steps, the cheap kind on odd ones: how an adaptive kind's cost is timed."""
+    return optimizer.steps % 2 == 0
+
+
 def measure_cost(config: CostConfig) -> dict:
     """Whole training steps of one run kind and of ERM on the same model and real batches, in turns: each round
     times ``cycles`` cycles of the kind (at least 16 steps) and as many ERM steps, the order alternating between
@@ -667,7 +673,7 @@ def measure_cost(config: CostConfig) -> dict:
         model = MODELS[task.model]()
         optimizer = _build_optimizer(replace(run, amp=amp), model)
         if amp and config.full_share is not None:
-            force_alternating_trigger(optimizer)
+            force_trigger(optimizer, alternating)
         model.train()
         contenders[name] = _make_step(model, optimizer, amp)
     times = {"erm": [[] for _ in range(period)], "kind": [[] for _ in range(period)]}
@@ -697,18 +703,6 @@ def measure_cost(config: CostConfig) -> dict:
             "ratio": statistics.median(per_round), "ratio_lo": min(per_round), "ratio_hi": max(per_round),
             "ratio_pooled": kind_ms / erm_ms, "per_round": per_round, "rounds": config.rounds,
             "steps_per_round": steps, "position_ms": [1e3 * statistics.median(ts) for ts in times["kind"] if ts]}
-
-
-def force_alternating_trigger(optimizer) -> None:
-    """Make an adaptive AMP optimizer's trigger take a full step on even steps and its cheap kind on odd ones (it
-    still measures ‖g‖² and updates its statistics first): the cost measurement's instrument."""
-    measure = optimizer._trigger
-
-    def trigger(scaler):
-        measure(scaler)
-        return "amp" if optimizer.steps % 2 == 0 else optimizer.between
-
-    optimizer._trigger = trigger
 
 
 # -- the cache -----------------------------------------------------------------------------------------------

@@ -28,6 +28,18 @@ class Timing:
         return cls(median=median, q1=q1, q3=q3, samples=len(times))
 
 
+def force_trigger(optimizer, full) -> None:
+    """An adaptive AMP optimizer's decision forced by ``full(optimizer)`` (its trigger still measures ‖g‖², updates
+    its statistics and syncs first): the instrument that times both kinds of step of an adaptive schedule."""
+    measure = optimizer._trigger
+
+    def trigger(scaler):
+        measure(scaler)
+        return "amp" if full(optimizer) else optimizer.between
+
+    optimizer._trigger = trigger
+
+
 def time_interleaved(statements: dict[str, Callable[[], object]], rounds: int, min_run_time: float,
                      label: str) -> dict[str, Timing]:
     """Time every statement with ``Timer.blocked_autorange`` once per round, in turn, and pool the rounds.

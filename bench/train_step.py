@@ -29,7 +29,7 @@ from torch.nn import functional as F
 import amp_fused
 
 from .optimizer_step import SGD_FUSED
-from .timing import Timing, time_interleaved
+from .timing import Timing, force_trigger, time_interleaved
 
 PERIOD = 4  # steps per timed call: one period of the amortised schedules
 LR, EPSILON, INNER_LR = 0.01, 0.05, 1.0
@@ -97,17 +97,6 @@ def modes(backend_names, fastest: str) -> list[Mode]:
         name = f"amp-{ADAPTIVE if every == ADAPTIVE else f'k{every}'}-{between}"
         out += [Mode(name, fastest, perturb_every=every, between=between, step=step) for step in STEPS]
     return out
-
-
-def force_trigger(optimizer, full) -> None:
-    """The adaptive trigger's decision forced by ``full(optimizer)`` (it still measures ‖g‖² and syncs first)."""
-    measure = optimizer._trigger
-
-    def trigger(scaler):
-        measure(scaler)
-        return "amp" if full(optimizer) else optimizer.between
-
-    optimizer._trigger = trigger
 
 
 class Trainer:

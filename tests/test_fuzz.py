@@ -71,12 +71,17 @@ def build(specs, dtypes, layout, seed, scale=1.0):
     return out
 
 
+def poisoned(tensors, poison, index=0):
+    """``tensors`` with a NaN or Inf (``poison``) in the first element of tensors[index]."""
+    if poison and tensors[index].numel():
+        tensors[index][(0,) * tensors[index].dim()] = float(poison)
+    return tensors
+
+
 def ascent_lists(spec, poison):
     """(params, grads, backups, θ in float64) of a first ascent; ``poison``: a NaN or Inf in the first gradient."""
     specs, dtypes, layout = spec
-    params, grads = build(specs, dtypes, layout, 1), build(specs, dtypes, layout, 2)
-    if poison and grads[0].numel():
-        grads[0][(0,) * grads[0].dim()] = float(poison)
+    params, grads = build(specs, dtypes, layout, 1), poisoned(build(specs, dtypes, layout, 2), poison)
     backups = [torch.empty_like(p) for p in params]
     theta = [p.to(torch.float64, copy=True) for p in params]  # .double() would alias fp64 tensors
     return params, grads, backups, theta
@@ -235,12 +240,6 @@ def test_restore_sgd_matches_definition(backend, spec, momentum, nesterov, maxim
             size = size + momentum * buf_size if nesterov else buf_size
         restored = theta.abs() + (0.01 * 8 if backend == "reference" else 0)  # subtract-back rounding of Δ
         close(p, expected.params[i], dtype, restored + lr * size)
-
-
-def poisoned(tensors, poison, index=0):
-    if poison and tensors[index].numel():
-        tensors[index][(0,) * tensors[index].dim()] = float(poison)
-    return tensors
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

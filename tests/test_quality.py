@@ -526,7 +526,7 @@ def test_adaptive_kinds_record_their_full_steps_and_weigh_their_cost_by_them():
 
     model = quality.MODELS[task.model]()
     optimizer = quality._build_optimizer(config, model)
-    quality.force_alternating_trigger(optimizer)
+    quality.force_trigger(optimizer, quality.alternating)
     step = quality._make_step(model, optimizer, True)
     split = quality.make_split(task.dataset, task.sizes, 0)
     kinds = []
